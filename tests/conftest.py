@@ -1,0 +1,99 @@
+"""Shared fixtures: clean environment, settings on a temporary data dir, a fresh database
+per test on SQLite and on PostgreSQL, Orthanc, and the shared real data."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from db.settings import Settings, load_settings
+from tests.support.services import (
+    SHARED_DATA,
+    fresh_postgres_database,
+    make_orthanc,
+    orthanc_available,
+    postgres_reachable,
+    redis_reachable,
+)
+
+
+@pytest.fixture(autouse=True)
+def _clean_cxr_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test sees the developer's CXR_* variables."""
+    for key in list(os.environ):
+        if key.startswith("CXR_"):
+            monkeypatch.delenv(key, raising=False)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database: SQLite in tmp, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'test.db'}"
+        return
+    if not postgres_reachable():
+        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
+    with fresh_postgres_database() as url:
+        yield url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'test.db'}"
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Build settings on a temporary data dir, with overrides (Flask's test_config idea)."""
+
+    def build(**overrides: object) -> Settings:
+        overrides.setdefault("data_dir", tmp_path / "data")
+        s = load_settings(env={}, overrides=overrides)
+        s.ensure_dirs()
+        return s
+
+    return build
+
+
+@pytest.fixture
+def settings(make_settings, database_url: str) -> Settings:  # type: ignore[no-untyped-def]
+    return make_settings(database_url=database_url)  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared chest X-ray data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def shared_dicom(shared_data: Path) -> Path:
+    return shared_data / "dicom"
+
+
+@pytest.fixture
+def require_redis() -> None:
+    if not redis_reachable():
+        pytest.skip("Redis is not reachable at 127.0.0.1:6379")
+
+
+@pytest.fixture
+def orthanc_factory(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Start real Orthanc servers on free ports; all are stopped at teardown."""
+    if not orthanc_available():
+        pytest.skip("Orthanc is not installed (apt install orthanc)")
+    started = []
+
+    def start(modalities: dict[str, list[object]] | None = None, aet: str = "ORTHANC"):  # type: ignore[no-untyped-def]
+        o = make_orthanc(tmp_path / f"orthanc{len(started)}", modalities, aet)
+        o.start()
+        started.append(o)
+        return o
+
+    yield start
+    for o in started:
+        o.stop()

@@ -1,0 +1,168 @@
+"""Real peers for tests: PostgreSQL databases, Redis, Orthanc, free ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PG_ADMIN_URL = os.environ.get("CXR_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cxr"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def postgres_reachable() -> bool:
+    return port_open("127.0.0.1", 5432)
+
+
+def redis_reachable() -> bool:
+    return port_open(REDIS_HOST, REDIS_PORT)
+
+
+@contextmanager
+def fresh_postgres_database() -> Iterator[str]:
+    """Create an empty PostgreSQL database for one test and drop it afterwards."""
+    import psycopg
+
+    admin = PG_ADMIN_URL
+    name = f"cxr_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = admin.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def wait_until(predicate: Any, timeout: float = 30.0, interval: float = 0.1, what: str = "") -> Any:
+    """Poll ``predicate`` until it returns a truthy value; fail the test on timeout."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}; last={last!r}")
+
+
+@dataclass
+class Orthanc:
+    """A real Orthanc server on free ports, with a temporary configuration and storage."""
+
+    http_port: int
+    dicom_port: int
+    aet: str
+    workdir: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def rest(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> Any:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            payload = resp.read()
+        if not payload:
+            return None
+        try:
+            return json.loads(payload)
+        except ValueError:
+            return payload
+
+    def get(self, path: str) -> Any:
+        return self.rest("GET", path)
+
+    def post(self, path: str, body: Any = None, raw: bytes | None = None) -> Any:
+        return self.rest("POST", path, body=body, raw=raw)
+
+    def upload(self, path: Path) -> Any:
+        return self.post("/instances", raw=path.read_bytes())
+
+    def start(self) -> None:
+        log = open(self.workdir / "orthanc.log", "ab")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            ["Orthanc", str(self.workdir / "orthanc.json")], stdout=log, stderr=log,
+            cwd=self.workdir,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"Orthanc exited: {(self.workdir / 'orthanc.log').read_text()[-2000:]}")
+            try:
+                self.get("/system")
+                return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.2)
+        raise RuntimeError("Orthanc did not start within 60 s")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+def orthanc_available() -> bool:
+    return shutil.which("Orthanc") is not None
+
+
+def make_orthanc(workdir: Path, modalities: dict[str, list[Any]] | None = None,
+                 aet: str = "ORTHANC") -> Orthanc:
+    workdir.mkdir(parents=True, exist_ok=True)
+    orthanc = Orthanc(http_port=free_port(), dicom_port=free_port(), aet=aet, workdir=workdir)
+    config = {
+        "Name": "cxr-test",
+        "StorageDirectory": str(workdir / "db"),
+        "IndexDirectory": str(workdir / "db"),
+        "HttpPort": orthanc.http_port,
+        "DicomPort": orthanc.dicom_port,
+        "DicomAet": aet,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomCheckCalledAet": False,
+        "DicomAlwaysAllowStore": True,
+        "DicomAlwaysAllowEcho": True,
+        "UnknownSopClassAccepted": True,
+        "DicomModalities": modalities or {},
+        "Plugins": [],
+        "StableAge": 1,
+        "HttpsVerifyPeers": False,
+        "ConcurrentJobs": 2,
+        "SaveJobs": False,
+    }
+    (workdir / "orthanc.json").write_text(json.dumps(config, indent=2))
+    return orthanc
