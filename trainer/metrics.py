@@ -92,7 +92,9 @@ def roc_auc(y: ArrayLike, p: ArrayLike) -> float | None:
     return float(aucs[0])
 
 
-def delong_ci(y: ArrayLike, p: ArrayLike, z: float = Z95) -> tuple[float | None, list[float] | None]:
+def delong_ci(
+    y: ArrayLike, p: ArrayLike, z: float = Z95
+) -> tuple[float | None, list[float] | None]:
     """ROC AUC with DeLong's 95% interval (clipped to [0, 1])."""
     ya, pa = _arrays(y, p)
     if not both_classes(ya):
