@@ -1,0 +1,102 @@
+"""What the worker hands to the result builders, and how built objects reach the disk.
+
+The worker fills these frozen dataclasses from the database and the model; the SR and SC
+builders read nothing else, so they stay pure functions of their inputs (and so their UIDs
+can be deterministic).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The model that produced a result, as recorded in every output object."""
+
+    name: str
+    version: str
+    sha256: str
+    architecture: str
+    threshold: float
+    heatmap_method: str
+    manufacturer: str = "cxr-triage"
+
+
+@dataclass(frozen=True)
+class ScoredImage:
+    """One scored source image.
+
+    ``source`` holds the source's headers (pixel data may be absent), ``image01`` its decoded
+    pixels in [0, 1] and ``heatmap`` the model's map at source resolution, or None where no
+    map was computed.
+    """
+
+    source: Dataset
+    probability: float
+    heatmap: np.ndarray | None
+    image01: np.ndarray
+
+
+@dataclass(frozen=True)
+class PredecessorRef:
+    """The SR this one replaces, for the Predecessor Documents Sequence."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
+
+
+@dataclass(frozen=True)
+class AnalysisResult:
+    """A study's outcome: the study-level call and the images it rests on."""
+
+    study_probability: float
+    positive: bool
+    scored: list[ScoredImage]
+    model: ModelInfo
+    predecessor: PredecessorRef | None = None
+    not_analysed_reason: str | None = None
+
+
+def write_dataset(ds: Dataset, directory: Path) -> Path:
+    """Write ``ds`` as ``<SOPInstanceUID>.dcm`` under ``directory``, atomically.
+
+    A temporary file in the same directory is written, fsynced and renamed, then the
+    directory is fsynced, so a crash leaves either the whole file or none: the delivery
+    worker never sends half an object.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"{ds.SOPInstanceUID}.dcm"
+    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            ds.save_as(fh, enforce_file_format=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return target
+
+
+__all__ = [
+    "AnalysisResult",
+    "ModelInfo",
+    "PredecessorRef",
+    "ScoredImage",
+    "write_dataset",
+]
