@@ -1,0 +1,449 @@
+"""Analysis of one study generation: the state machine around the scoring pipeline.
+
+Three steps, so that a killed worker or a duplicate message cannot produce two sets of
+results:
+
+1. :func:`claim` (one short transaction): checks the message is still wanted (study
+   exists, generation current, not finished), that a production model exists, and that
+   the attempt budget is not spent; then marks the study ``analysing``.
+2. The work, outside any transaction: selection, pixels, one forward pass, heatmaps,
+   SR and SC files (deterministic UIDs, so a rerun rewrites the same files).
+3. :func:`finish` (one transaction): Analysis + Predictions + Study state + Delivery rows
+   together.  The unique (study, model version, generation) key makes a racing duplicate
+   roll back, and a generation bumped meanwhile makes the result stale and discarded.
+
+Bad input (the data's fault) is recorded and never retried; transient trouble is raised
+for the task to retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from db.models import (
+    Analysis,
+    AnalysisState,
+    Instance,
+    Prediction,
+    Study,
+    StudyState,
+    utcnow,
+)
+from db.session import Database
+from db.settings import Settings
+from dicom_node.errors import BadInputError, TransientError
+from worker.model_cache import (
+    NO_PRODUCTION_MODEL,
+    LoadedProductionModel,
+    ModelCache,
+    ModelInfo,
+    ModelUnavailableError,
+)
+
+log = logging.getLogger(__name__)
+
+FINISHED_STATES = (StudyState.DONE, StudyState.SKIPPED, StudyState.FAILED)
+
+
+@dataclass(frozen=True)
+class InstanceRef:
+    """An instance of the claimed study, detached from the session."""
+
+    id: int
+    sop_instance_uid: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class Claim:
+    study_id: int
+    study_uid: str
+    generation: int
+    attempt: int
+    model: ModelInfo
+    instances: tuple[InstanceRef, ...]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one analyse message.  ``status`` is one of: done, skipped, failed,
+    waiting (no usable model), stale, duplicate, missing, not_ready, gave_up."""
+
+    study_id: int
+    status: str
+    reason: str | None = None
+    analysis_id: int | None = None
+    delivery_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class ImageResult:
+    """The outcome for one instance before it is written as a Prediction."""
+
+    instance: InstanceRef
+    scored: bool
+    skip_reason: str | None = None
+    bad_input: bool = False
+    probability: float | None = None
+    heatmap_path: Path | None = None
+    image: np.ndarray | None = None
+    heatmap: np.ndarray | None = None
+    header: Any = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class StudyResult:
+    """Everything computed for a study generation, ready to be stored."""
+
+    state: StudyState
+    reason: str | None
+    images: list[ImageResult]
+    probability: float | None = None
+    positive: bool | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------- claim
+def claim(
+    db: Database, settings: Settings, models: ModelCache, study_id: int, generation: int,
+    now: datetime | None = None,
+) -> Claim | Outcome:
+    """Take the study for analysis, or say why this message has nothing to do."""
+    now = now or utcnow()
+    with db.session() as s:
+        study = s.get(Study, study_id, with_for_update=True)
+        if study is None:
+            return Outcome(study_id, "missing", "no such study")
+        if study.generation != generation:
+            return Outcome(study_id, "stale",
+                           f"generation {generation} superseded by {study.generation}")
+        if study.state in FINISHED_STATES:
+            return Outcome(study_id, "duplicate", f"study already {study.state}")
+        if study.state == StudyState.RECEIVING:
+            return Outcome(study_id, "not_ready", "study is still receiving instances")
+        model = models.production(s)
+        if model is None:
+            study.state = StudyState.QUEUED
+            study.reason = NO_PRODUCTION_MODEL
+            study.updated_at = now
+            log.warning("study waits study_uid=%s reason=%s", study.study_uid,
+                        NO_PRODUCTION_MODEL)
+            return Outcome(study_id, "waiting", NO_PRODUCTION_MODEL)
+        existing = s.scalars(select(Analysis).where(
+            Analysis.study_id == study_id, Analysis.model_version_id == model.id,
+            Analysis.generation == generation)).first()
+        if existing is not None:
+            return Outcome(study_id, "duplicate", "analysis already stored", existing.id)
+        study.attempts = (study.attempts or 0) + 1
+        if study.attempts > settings.max_analysis_attempts:
+            reason = (f"gave up after {settings.max_analysis_attempts} attempts "
+                      "(worker lost or message redelivered)")
+            _record_failure(s, study, model.id, generation, reason, now)
+            return Outcome(study_id, "gave_up", reason)
+        study.state = StudyState.ANALYSING
+        study.reason = None
+        study.updated_at = now
+        instances = s.scalars(
+            select(Instance).where(Instance.study_id == study_id).order_by(Instance.id)
+        ).all()
+        refs = tuple(InstanceRef(i.id, i.sop_instance_uid, Path(i.path)) for i in instances)
+        return Claim(study_id, study.study_uid, generation, study.attempts, model, refs)
+
+
+def _record_failure(s: Session, study: Study, model_version_id: int | None, generation: int,
+                    reason: str, now: datetime) -> None:
+    study.state = StudyState.FAILED
+    study.reason = reason
+    study.updated_at = now
+    existing = s.scalars(select(Analysis).where(
+        Analysis.study_id == study.id, Analysis.model_version_id == model_version_id,
+        Analysis.generation == generation)).first()
+    if existing is None:
+        s.add(Analysis(study_id=study.id, model_version_id=model_version_id,
+                       generation=generation, state=AnalysisState.FAILED, reason=reason,
+                       started_at=now, finished_at=now))
+    log.error("study failed study_uid=%s reason=%s", study.study_uid, reason)
+
+
+def mark_failed(db: Database, study_id: int, generation: int, reason: str,
+                now: datetime | None = None) -> bool:
+    """Record a study as failed (retries spent); False when the message is no longer current."""
+    now = now or utcnow()
+    with db.session() as s:
+        study = s.get(Study, study_id, with_for_update=True)
+        if study is None or study.generation != generation or study.state in FINISHED_STATES:
+            return False
+        from worker.model_cache import production_model
+
+        model = production_model(s, db.settings)
+        _record_failure(s, study, model.id if model else None, generation, reason, now)
+        return True
+
+
+def release_waiting(db: Database, study_id: int, generation: int, reason: str,
+                    now: datetime | None = None) -> None:
+    """Put a claimed study back to ``queued`` with a reason (the model became unusable);
+    the reconciler re-publishes it later."""
+    now = now or utcnow()
+    with db.session() as s:
+        study = s.get(Study, study_id, with_for_update=True)
+        if study is None or study.generation != generation or study.state != StudyState.ANALYSING:
+            return
+        study.state = StudyState.QUEUED
+        study.reason = reason
+        study.attempts = max(0, (study.attempts or 0) - 1)
+        study.updated_at = now
+        log.warning("study waits study_uid=%s reason=%s", study.study_uid, reason)
+
+
+# ---------------------------------------------------------------------------------- work
+def read_headers(refs: tuple[InstanceRef, ...]) -> list[Any]:
+    """Headers without pixels, for the selection rules; None where a file is unreadable."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    headers: list[Any] = []
+    for ref in refs:
+        try:
+            headers.append(pydicom.dcmread(ref.path, stop_before_pixels=True))
+        except FileNotFoundError as exc:
+            # The spool is ours: a missing file is our infrastructure's trouble.
+            raise TransientError(f"spooled file missing for {ref.sop_instance_uid}") from exc
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            log.warning("unreadable instance sop_uid=%s error=%s", ref.sop_instance_uid, exc)
+            headers.append(None)
+    return headers
+
+
+def select_images(refs: tuple[InstanceRef, ...], headers: list[Any],
+                  settings: Settings) -> list[ImageResult]:
+    """Apply ``settings.selection_rules``: which instances are scored, and why not."""
+    from dicom_node.selection import select_instances
+
+    results = [ImageResult(ref, scored=False, header=h) for ref, h in zip(refs, headers)]
+    readable = [i for i, h in enumerate(headers) if h is not None]
+    for i, h in enumerate(headers):
+        if h is None:
+            results[i].skip_reason = "bad input: not a readable DICOM file"
+            results[i].bad_input = True
+    selections = select_instances([headers[i] for i in readable], settings.selection_rules)
+    for sel in selections:
+        target = results[readable[sel.index]]
+        target.scored = bool(sel.scored)
+        target.skip_reason = None if sel.scored else (sel.reason or "not selected")
+    return results
+
+
+def load_pixels(images: list[ImageResult]) -> None:
+    """Decode each selected image; bad pixels turn that image into a recorded skip."""
+    import pydicom
+
+    from dicom_node.pixels import decode_pixels
+
+    for img in images:
+        if not img.scored:
+            continue
+        t0 = time.perf_counter()
+        try:
+            ds = pydicom.dcmread(img.instance.path)
+            img.image = decode_pixels(ds)
+        except BadInputError as exc:
+            img.scored = False
+            img.bad_input = True
+            img.skip_reason = f"bad input: {type(exc).__name__}: {exc}"
+            log.warning("bad input sop_uid=%s reason=%s", img.instance.sop_instance_uid, exc)
+            continue
+        img.timings["decode_s"] = time.perf_counter() - t0
+
+
+def score_images(images: list[ImageResult], model: LoadedProductionModel,
+                 settings: Settings, study_uid: str) -> None:
+    """One forward pass for every scored image of the study, then one heatmap each."""
+    import torch
+
+    from trainer.transforms import to_tensor_batch
+
+    scored = [img for img in images if img.scored and img.image is not None]
+    if not scored:
+        return
+    meta = model.loaded.meta
+    try:
+        t0 = time.perf_counter()
+        batch = to_tensor_batch([img.image for img in scored], meta)
+        probs = np.asarray(model.scorer.predict(batch), dtype=np.float64).reshape(-1)
+        forward_s = time.perf_counter() - t0
+        for img, p in zip(scored, probs):
+            img.probability = float(p)
+            img.timings["forward_s"] = forward_s / len(scored)
+        for img in scored:
+            t1 = time.perf_counter()
+            img.heatmap = compute_heatmap(img.image, model, settings)  # type: ignore[arg-type]
+            img.timings["heatmap_s"] = time.perf_counter() - t1
+            img.heatmap_path = save_heatmap(settings, study_uid, img)
+    except torch.cuda.OutOfMemoryError as exc:
+        raise TransientError(f"GPU out of memory: {exc}") from exc
+
+
+def compute_heatmap(image: np.ndarray, model: LoadedProductionModel,
+                    settings: Settings) -> np.ndarray:
+    """A heatmap at the image's resolution, by ``settings.heatmap_method``."""
+    from trainer import heatmaps
+
+    if settings.heatmap_method == "occlusion":
+        out = heatmaps.occlusion(
+            model.loaded, image, size=settings.occlusion_size,
+            stride=settings.occlusion_stride, batch=settings.occlusion_batch,
+            device=model.device,
+        )
+    else:
+        out = heatmaps.gradcam(model.loaded, image, device=model.device)
+    return np.asarray(out, dtype=np.float32)
+
+
+def save_heatmap(settings: Settings, study_uid: str, img: ImageResult) -> Path:
+    """Write the heatmap at source resolution next to the study's other heatmaps."""
+    folder = settings.heatmaps_dir / study_uid
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{img.instance.sop_instance_uid}.npy"
+    tmp = path.with_suffix(".npy.tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, np.asarray(img.heatmap, dtype=np.float16))
+    tmp.replace(path)
+    return path
+
+
+def summarise(images: list[ImageResult], threshold: float) -> StudyResult:
+    """Study probability is the max over scored images; nothing scored means skipped, or
+    failed where the only reason was bad input."""
+    scored = [i for i in images if i.scored and i.probability is not None]
+    if scored:
+        prob = max(float(i.probability) for i in scored)  # type: ignore[arg-type]
+        return StudyResult(StudyState.DONE, None, images, prob, prob >= threshold)
+    reasons = sorted({i.skip_reason or "not selected" for i in images})
+    if not images:
+        return StudyResult(StudyState.SKIPPED, "study has no instances", images)
+    if any(i.bad_input for i in images):
+        return StudyResult(StudyState.FAILED, "; ".join(reasons), images)
+    return StudyResult(StudyState.SKIPPED, "no scorable image: " + "; ".join(reasons), images)
+
+
+def compute(claim_: Claim, model: LoadedProductionModel, settings: Settings) -> StudyResult:
+    """Steps 2: everything between claiming and storing; touches no database."""
+    t0 = time.perf_counter()
+    headers = read_headers(claim_.instances)
+    images = select_images(claim_.instances, headers, settings)
+    load_pixels(images)
+    score_images(images, model, settings, claim_.study_uid)
+    result = summarise(images, model.info.threshold)
+    result.timings["total_s"] = time.perf_counter() - t0
+    return result
+
+
+# -------------------------------------------------------------------------------- finish
+def finish(
+    db: Database, settings: Settings, claim_: Claim, result: StudyResult,
+    outputs: list[Any], sr_uid: str | None, now: datetime | None = None,
+) -> Outcome:
+    """Store the analysis, its predictions, the study's state and the outbox rows in one
+    transaction; a concurrent duplicate or a newer generation makes this a no-op."""
+    from worker.delivery import create_deliveries
+
+    now = now or utcnow()
+    try:
+        with db.session() as s:
+            study = s.get(Study, claim_.study_id, with_for_update=True)
+            if study is None:
+                return Outcome(claim_.study_id, "missing", "study vanished")
+            if study.generation != claim_.generation:
+                log.info("stale result discarded study_uid=%s generation=%s current=%s",
+                         claim_.study_uid, claim_.generation, study.generation)
+                return Outcome(claim_.study_id, "stale", "newer generation arrived")
+            if study.state != StudyState.ANALYSING:
+                return Outcome(claim_.study_id, "duplicate", f"study already {study.state}")
+            for previous in s.scalars(select(Analysis).where(
+                    Analysis.study_id == study.id, Analysis.state == AnalysisState.DONE)):
+                previous.state = AnalysisState.SUPERSEDED
+            analysis = Analysis(
+                study_id=study.id, model_version_id=claim_.model.id,
+                generation=claim_.generation, state=AnalysisState(result.state.value),
+                reason=result.reason, probability=result.probability,
+                positive=result.positive, threshold=claim_.model.threshold,
+                heatmap_method=settings.heatmap_method, started_at=now,
+                finished_at=utcnow(), timings=dict(result.timings),
+                sr_sop_instance_uid=sr_uid,
+            )
+            s.add(analysis)
+            s.flush()
+            for img in result.images:
+                s.add(Prediction(
+                    analysis_id=analysis.id, instance_id=img.instance.id, scored=img.scored,
+                    probability=img.probability,
+                    heatmap_path=str(img.heatmap_path) if img.heatmap_path else None,
+                    skip_reason=img.skip_reason, timings=dict(img.timings),
+                ))
+            deliveries = create_deliveries(s, settings, study.id, analysis.id, outputs, now)
+            study.state = result.state
+            study.reason = result.reason
+            study.attempts = 0
+            study.updated_at = utcnow()
+            s.flush()
+            outcome = Outcome(study.id, result.state.value, result.reason, analysis.id,
+                              tuple(d.id for d in deliveries))
+    except IntegrityError:
+        log.info("duplicate analysis discarded study_uid=%s generation=%s",
+                 claim_.study_uid, claim_.generation)
+        return Outcome(claim_.study_id, "duplicate", "analysis stored by another worker")
+    log.info(
+        "study analysed study_uid=%s generation=%s state=%s model=%s probability=%s "
+        "method=%s reason=%s",
+        claim_.study_uid, claim_.generation, outcome.status, claim_.model.version,
+        None if result.probability is None else round(result.probability, 4),
+        settings.heatmap_method, result.reason,
+    )
+    return outcome
+
+
+def previous_sr_uid(db: Database, study_id: int) -> str | None:
+    """The SR of the study's latest earlier analysis, referenced as a predecessor."""
+    with db.session() as s:
+        return s.scalars(
+            select(Analysis.sr_sop_instance_uid)
+            .where(Analysis.study_id == study_id, Analysis.sr_sop_instance_uid.is_not(None))
+            .order_by(Analysis.finished_at.desc(), Analysis.id.desc())
+            .limit(1)
+        ).first()
+
+
+# ---------------------------------------------------------------------------- the whole
+def analyse_study(
+    db: Database, settings: Settings, models: ModelCache, study_id: int, generation: int,
+) -> Outcome:
+    """Analyse one study generation end to end; see the module docstring."""
+    from worker.outputs import write_outputs
+
+    claimed = claim(db, settings, models, study_id, generation)
+    if isinstance(claimed, Outcome):
+        if claimed.status not in ("waiting",):
+            log.info("analyse message has nothing to do study_id=%s generation=%s status=%s",
+                     study_id, generation, claimed.status)
+        return claimed
+    try:
+        model = models.get(claimed.model)
+    except ModelUnavailableError as exc:
+        release_waiting(db, study_id, generation, str(exc))
+        return Outcome(study_id, "waiting", str(exc))
+    result = compute(claimed, model, settings)
+    predecessor = previous_sr_uid(db, study_id)
+    outputs, sr_uid = write_outputs(settings, claimed, model, result, predecessor)
+    return finish(db, settings, claimed, result, outputs, sr_uid)

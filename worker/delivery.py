@@ -1,0 +1,211 @@
+"""The outbox: one Delivery row per DICOM object per destination, sent exactly once.
+
+States: ``pending`` → ``sending`` → ``delivered``, or back to ``pending`` with a later
+``next_attempt_at`` after a failure (exponential backoff), or ``failed`` once
+``deadline_at`` has passed.  A message claims a row with one conditional UPDATE
+(``pending`` and due → ``sending``), so two copies of a message cannot both send.  A
+delivered row is never sent again, except through :func:`redeliver` on an operator's
+request.  Rows are written in the analysis transaction (:func:`create_deliveries`); the
+reconciler re-publishes rows whose message was lost.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from db.broker import DELIVER_TASK
+from db.models import Delivery, DeliveryState, Study, as_utc, utcnow
+from db.session import Database
+from db.settings import Destination, Settings
+
+log = logging.getLogger(__name__)
+
+#: A message may arrive this much before its row is due (clock skew, countdown rounding).
+EARLY_SLACK = timedelta(seconds=2)
+
+
+class OutputObject(Protocol):
+    """A DICOM object written to the outbox (see worker.outputs.OutputFile)."""
+
+    kind: str
+    sop_instance_uid: str
+    path: Path
+
+
+class Publisher(Protocol):
+    def send_task(self, name: str, args: Any = ..., **kwargs: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """What one C-STORE attempt came to: ``ok`` includes warning statuses."""
+
+    ok: bool
+    status: str | None
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class DeliveryOutcome:
+    """``status``: delivered, retry (with ``countdown``), failed, noop."""
+
+    delivery_id: int
+    status: str
+    countdown: float | None = None
+    reason: str | None = None
+
+
+def create_deliveries(s: Session, settings: Settings, study_id: int, analysis_id: int | None,
+                      objects: Sequence[OutputObject], now: datetime) -> list[Delivery]:
+    """One pending row per object per destination, inside the caller's transaction."""
+    rows: list[Delivery] = []
+    deadline = now + timedelta(seconds=settings.delivery_deadline_seconds)
+    for obj in objects:
+        for dest in settings.pacs:
+            existing = s.scalars(select(Delivery).where(
+                Delivery.sop_instance_uid == obj.sop_instance_uid,
+                Delivery.destination == str(dest))).first()
+            if existing is not None:
+                # Same object (deterministic UID) already in the outbox: never twice.
+                continue
+            row = Delivery(
+                analysis_id=analysis_id, study_id=study_id, kind=obj.kind,
+                sop_instance_uid=obj.sop_instance_uid, destination=str(dest),
+                path=str(obj.path), state=DeliveryState.PENDING, attempts=0,
+                next_attempt_at=now, deadline_at=deadline, created_at=now, updated_at=now,
+            )
+            s.add(row)
+            rows.append(row)
+    s.flush()
+    return rows
+
+
+def backoff_seconds(settings: Settings, attempts: int) -> float:
+    """Delay after the ``attempts``-th failed attempt: base doubling up to the maximum."""
+    delay = settings.delivery_backoff_seconds * (2 ** max(0, attempts - 1))
+    return float(min(delay, settings.delivery_backoff_max_seconds))
+
+
+def send(path: Path, destination: Destination, calling_ae: str) -> SendResult:
+    """One C-STORE of one file through ``dicom_node.sender``."""
+    from dicom_node.sender import send_file
+
+    outcome = send_file(path, destination, calling_ae)
+    ok = bool(getattr(outcome, "ok", False))
+    status = getattr(outcome, "status", None)
+    reason = getattr(outcome, "reason", None) or getattr(outcome, "message", None)
+    return SendResult(ok, None if status is None else str(status),
+                      None if reason is None else str(reason))
+
+
+def _claim(db: Database, delivery_id: int, now: datetime) -> Delivery | None:
+    with db.session() as s:
+        claimed = s.execute(
+            update(Delivery)
+            .where(Delivery.id == delivery_id, Delivery.state == DeliveryState.PENDING,
+                   Delivery.next_attempt_at <= now + EARLY_SLACK)
+            .values(state=DeliveryState.SENDING, attempts=Delivery.attempts + 1,
+                    updated_at=now)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if claimed != 1:
+            return None
+        return s.get(Delivery, delivery_id)
+
+
+def deliver(db: Database, settings: Settings, delivery_id: int,
+            now: datetime | None = None) -> DeliveryOutcome:
+    """Send one outbox row if it is pending and due; record what happened."""
+    now = now or utcnow()
+    row = _claim(db, delivery_id, now)
+    if row is None:
+        return DeliveryOutcome(delivery_id, "noop", reason="not pending or not yet due")
+    deadline = as_utc(row.deadline_at)
+    assert deadline is not None
+    dest = Destination.parse(row.destination)
+    try:
+        result = send(Path(row.path), dest, settings.delivery_ae_title)
+    except FileNotFoundError as exc:
+        result = SendResult(False, None, f"outbox file missing: {exc}")
+    except Exception as exc:  # the sender's contract is an outcome; anything else is ours
+        result = SendResult(False, None, f"{type(exc).__name__}: {exc}")
+    done_at = utcnow()
+    with db.session() as s:
+        current = s.get(Delivery, delivery_id, with_for_update=True)
+        assert current is not None
+        current.last_status = result.status
+        current.updated_at = done_at
+        if result.ok:
+            current.state = DeliveryState.DELIVERED
+            current.delivered_at = done_at
+            current.reason = None
+            log.info("delivered kind=%s sop_uid=%s destination=%s status=%s attempts=%s",
+                     current.kind, current.sop_instance_uid, current.destination,
+                     result.status, current.attempts)
+            return DeliveryOutcome(delivery_id, "delivered")
+        current.reason = result.reason or "send failed"
+        if done_at >= deadline:
+            current.state = DeliveryState.FAILED
+            current.reason = (f"deadline passed after {current.attempts} attempts; "
+                              f"last error: {result.reason}")
+            log.error("delivery failed sop_uid=%s destination=%s reason=%s",
+                      current.sop_instance_uid, current.destination, current.reason)
+            return DeliveryOutcome(delivery_id, "failed", reason=current.reason)
+        delay = backoff_seconds(settings, current.attempts)
+        next_at = min(done_at + timedelta(seconds=delay), deadline)
+        current.state = DeliveryState.PENDING
+        current.next_attempt_at = next_at
+        countdown = max(0.0, (next_at - done_at).total_seconds())
+        log.warning("delivery retry sop_uid=%s destination=%s attempts=%s in_s=%.1f reason=%s",
+                    current.sop_instance_uid, current.destination, current.attempts,
+                    countdown, result.reason)
+        return DeliveryOutcome(delivery_id, "retry", countdown=countdown, reason=result.reason)
+
+
+def publish(app: Publisher, settings: Settings, delivery_ids: Sequence[int],
+            countdown: float | None = None) -> None:
+    """Queue delivery messages on the delivery queue."""
+    for delivery_id in delivery_ids:
+        app.send_task(DELIVER_TASK, args=[delivery_id], queue=settings.delivery_queue,
+                      countdown=countdown)
+
+
+def redeliver(db: Database, settings: Settings, study_uid: str,
+              app: Publisher | None = None) -> list[int]:
+    """Send a study's results again on an operator's request: every delivered or failed
+    row goes back to pending, due now, with a fresh deadline.  Returns the row ids; they
+    are published on ``app`` (a Celery app built from settings when not given)."""
+    now = utcnow()
+    with db.session() as s:
+        study = s.scalars(select(Study).where(Study.study_uid == study_uid)).first()
+        if study is None:
+            raise LookupError(f"no study with Study Instance UID {study_uid}")
+        rows = s.scalars(select(Delivery).where(Delivery.study_id == study.id)
+                         .order_by(Delivery.id)).all()
+        ids: list[int] = []
+        for row in rows:
+            if row.state == DeliveryState.SENDING:
+                continue
+            row.state = DeliveryState.PENDING
+            row.next_attempt_at = now
+            row.deadline_at = now + timedelta(seconds=settings.delivery_deadline_seconds)
+            row.attempts = 0
+            row.reason = None
+            row.updated_at = now
+            ids.append(row.id)
+    log.info("redelivery requested study_uid=%s deliveries=%s", study_uid, len(ids))
+    if ids:
+        if app is None:
+            from db.broker import make_celery
+
+            app = make_celery(settings)
+        publish(app, settings, ids)
+    return ids
