@@ -1,0 +1,159 @@
+"""The durable spool: received bytes on disk before anyone is told "Success".
+
+Layout: ``spool_dir/<StudyInstanceUID>/<SOPInstanceUID>.dcm``.  UIDs come from the sender,
+so they are checked against the UID grammar and replaced by a digest when they do not fit:
+a UID is never trusted as a path.
+
+A write goes to a temporary file in the final directory (``.incoming-*.tmp``), is
+fsync'ed, renamed into place, and the directory is fsync'ed, so that after a crash a
+file under its final name is always complete.  Temporary names are recognisable so that
+:func:`remove_stale_temp_files` can clean them on start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from dicom_node.errors import TransientError
+
+TEMP_PREFIX = ".incoming-"
+TEMP_SUFFIX = ".tmp"
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_MIB = 1024 * 1024
+
+
+class SpoolFullError(TransientError):
+    """Free disk space under the spool is below the configured minimum."""
+
+
+class SpoolWriteError(TransientError):
+    """The spool could not write or sync a file (disk, permissions, I/O)."""
+
+
+def safe_uid_name(uid: str) -> str:
+    """A file-system name for ``uid``: the UID itself if it is a well-formed UID, else a digest.
+
+    A well-formed UID has only digits and dots, so it cannot contain ``/`` or be ``..``.
+    """
+    uid = uid.strip().rstrip("\x00")
+    if len(uid) <= 64 and _UID_RE.match(uid):
+        return uid
+    return "x" + hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+
+
+def instance_path(spool_dir: Path, study_uid: str, sop_uid: str) -> Path:
+    return spool_dir / safe_uid_name(study_uid) / f"{safe_uid_name(sop_uid)}.dcm"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_free_space(spool_dir: Path, min_free_mb: int, incoming_bytes: int = 0) -> None:
+    """Raise :class:`SpoolFullError` when writing ``incoming_bytes`` would leave too little."""
+    free = shutil.disk_usage(spool_dir).free
+    if free - incoming_bytes < min_free_mb * _MIB:
+        raise SpoolFullError(
+            f"free space {free // _MIB} MiB under {spool_dir} is below min_free_mb={min_free_mb}"
+        )
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    """A complete, fsync'ed temporary file waiting to be published under ``final``."""
+
+    temp: Path
+    final: Path
+    size: int
+    sha256: str
+
+    def publish(self) -> None:
+        """Rename into place and fsync the directory: from here the file survives a crash."""
+        try:
+            os.replace(self.temp, self.final)
+            fsync_dir(self.final.parent)
+        except OSError as exc:
+            self.discard()
+            raise SpoolWriteError(f"cannot publish {self.final.name}: {exc}") from exc
+
+    def discard(self) -> None:
+        try:
+            self.temp.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def _ensure_dir(directory: Path) -> None:
+    if directory.is_dir():
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    # The new directory entry itself must survive a crash, so sync its parent.
+    fsync_dir(directory.parent)
+
+
+def stage(final: Path, chunks: Iterable[bytes | memoryview]) -> StagedFile:
+    """Write ``chunks`` to a temporary file beside ``final``, hashing while writing, and fsync.
+
+    On any error the temporary file is removed and :class:`SpoolWriteError` is raised.
+    """
+    try:
+        _ensure_dir(final.parent)
+        fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=final.parent)
+    except OSError as exc:
+        raise SpoolWriteError(f"cannot create a file under {final.parent}: {exc}") from exc
+    temp = Path(name)
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with os.fdopen(fd, "wb", buffering=0) as fh:
+            for chunk in chunks:
+                digest.update(chunk)
+                view = memoryview(chunk)
+                while view:
+                    written = fh.write(view)
+                    if not written:
+                        raise OSError("short write")
+                    view = view[written:]
+                size += len(chunk)
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        raise SpoolWriteError(f"cannot write {final.name}: {exc}") from exc
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return StagedFile(temp=temp, final=final, size=size, sha256=digest.hexdigest())
+
+
+def is_temp_name(name: str) -> bool:
+    return name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)
+
+
+def remove_stale_temp_files(spool_dir: Path) -> list[Path]:
+    """Delete half-written files left by a crash; returns what was removed.
+
+    Only call this before the listener accepts associations: a running handler's
+    temporary file looks the same.
+    """
+    removed: list[Path] = []
+    if not spool_dir.is_dir():
+        return removed
+    for study_dir in spool_dir.iterdir():
+        if not study_dir.is_dir():
+            continue
+        for entry in study_dir.iterdir():
+            if is_temp_name(entry.name):
+                entry.unlink(missing_ok=True)
+                removed.append(entry)
+    return removed
