@@ -91,14 +91,18 @@ def _maybe_float(value: Any) -> float | None:
 
 def _meta_from_checkpoint(path: Path) -> dict[str, Any]:
     """Read the metadata stored inside a checkpoint written by trainer.checkpoint."""
-    import dataclasses
+    from trainer.checkpoint import read_meta
 
-    from trainer.checkpoint import load_checkpoint
+    return meta_fields(read_meta(path).to_dict())
 
-    meta: Any = load_checkpoint(path, device="cpu").meta
-    if dataclasses.is_dataclass(meta) and not isinstance(meta, type):
-        return dataclasses.asdict(meta)
-    return dict(meta)
+
+def meta_fields(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's nested meta, with the fields the registry row needs on top."""
+    out = dict(meta)
+    prov = dict(out.get("provenance") or {})
+    out.setdefault("parent_version", prov.get("parent_version"))
+    out.setdefault("metrics", dict(prov.get("metrics") or {}))
+    return out
 
 
 def default_version(architecture: str, sha256: str, when: datetime | None = None) -> str:
