@@ -1,0 +1,272 @@
+"""The pixel pipeline: a DICOM object, PNG or JPEG becomes a float32 grayscale array in [0, 1].
+
+The trainer and the worker both call these functions, so training and inference see
+identical input.  The order follows the DICOM grayscale pipeline (PS3.4 N.2):
+
+1. decode the stored values (every transfer syntax the listener accepts, through pydicom's
+   pixel backends: native, Deflated, RLE, JPEG family via pylibjpeg/gdcm, JPEG-LS, JPEG 2000);
+2. Modality LUT or Rescale Slope/Intercept;
+3. VOI LUT Sequence, else Window Center/Width (the first of several), whose output range
+   defines [0, 1]; without either, the stored range for 8-bit data (so a display-ready
+   8-bit image is scaled exactly as the same image saved as PNG/JPEG) and a robust min/max
+   (0.5th to 99.5th percentile) otherwise;
+4. MONOCHROME1 is inverted, so bone is always bright.
+
+Colour: RGB and YBR secondary captures (some archives store chest radiographs that way) are
+converted to luminance (ITU-R BT.601) rather than rejected; PALETTE COLOR and other
+photometric interpretations raise :class:`UnsupportedImageError`.
+
+Then :func:`prepare_image` letterboxes to the network's square input and applies the
+optional contrast normalisation chosen by the model's preprocessing record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.pixels.processing import apply_modality_lut, apply_voi
+
+from dicom_node.errors import (
+    MissingPixelDataError,
+    MultiFrameError,
+    UndecodablePixelsError,
+    UnsupportedImageError,
+)
+
+FloatImage = np.ndarray  # float32, H x W, values in [0, 1]
+
+CONTRAST_METHODS = ("none", "clahe", "equalize")
+GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
+COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420")
+ROBUST_PERCENTILES = (0.5, 99.5)
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+def _first(value: Any) -> float:
+    """The first of a possibly multi-valued numeric attribute."""
+    if isinstance(value, list | tuple | pydicom.multival.MultiValue):
+        value = value[0]
+    return float(value)
+
+
+def _stored(ds: Dataset) -> np.ndarray:
+    """Decoded stored values, or an error that names the fault."""
+    if not any(k in ds for k in PIXEL_KEYWORDS):
+        raise MissingPixelDataError("the object has no Pixel Data")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise MultiFrameError(f"{frames} frames where a single radiograph is expected")
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if photometric not in GRAYSCALE + COLOUR:
+        raise UnsupportedImageError(f"photometric interpretation {photometric or '(none)'!r}")
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # decoders raise many types for damaged data
+        tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(tsyntax, "name", str(tsyntax))
+        raise UndecodablePixelsError(f"pixel data cannot be decoded ({name}): {exc}") from exc
+    if arr.ndim == 3 and photometric in GRAYSCALE:
+        raise MultiFrameError(f"decoded {arr.shape[0]} frames")
+    if arr.ndim not in (2, 3) or arr.shape[0] < 2 or arr.shape[1] < 2:
+        raise UnsupportedImageError(f"decoded pixel array of shape {arr.shape}")
+    return np.asarray(arr)
+
+
+def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """Window Center/Width onto [0, 1] (PS3.3 C.11.2.1.2 and C.11.2.1.3)."""
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / max(width, 1e-6)))
+    if function == "LINEAR_EXACT":
+        out = (values - center) / max(width, 1e-6) + 0.5
+    else:  # LINEAR
+        if width <= 1:
+            out = (values >= center - 0.5).astype(np.float64)
+        else:
+            out = (values - (center - 0.5)) / (width - 1) + 0.5
+    return np.clip(out, 0.0, 1.0)
+
+
+def _robust_unit(values: np.ndarray) -> np.ndarray:
+    """Percentile min/max onto [0, 1]; a subsample keeps large images fast."""
+    step = max(1, int(np.sqrt(values.size / 250_000)))
+    lo, hi = np.percentile(values[::step, ::step], ROBUST_PERCENTILES)
+    if hi <= lo:
+        lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return np.zeros_like(values, dtype=np.float64)
+    return np.asarray(np.clip((values - lo) / (hi - lo), 0.0, 1.0), dtype=np.float64)
+
+
+def _luminance(rgb: np.ndarray, bits_stored: int) -> np.ndarray:
+    weights = np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
+    return np.asarray(rgb.astype(np.float32) @ weights, dtype=np.float32) / float(
+        2**bits_stored - 1
+    )
+
+
+def decode_pixels(ds: Dataset) -> FloatImage:
+    """DICOM dataset to a float32 H x W array in [0, 1], bright = dense (see module doc)."""
+    arr = _stored(ds)
+    photometric = str(ds.PhotometricInterpretation).strip().upper()
+    bits_stored = int(ds.get("BitsStored", 8) or 8)
+    if photometric in COLOUR:
+        if arr.ndim != 3 or arr.shape[-1] != 3:
+            raise UnsupportedImageError(f"{photometric} pixels of shape {arr.shape}")
+        return np.asarray(np.clip(_luminance(arr, bits_stored), 0.0, 1.0), dtype=np.float32)
+    if arr.ndim != 2:
+        raise UnsupportedImageError(f"grayscale pixels of shape {arr.shape}")
+    has_modality = "ModalityLUTSequence" in ds or "RescaleSlope" in ds or "RescaleIntercept" in ds
+    values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
+        lut_bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        out = np.asarray(apply_voi(values, ds, index=0), dtype=np.float64)
+        unit = np.clip(out / float(2**lut_bits - 1), 0.0, 1.0)
+    elif "WindowCenter" in ds and "WindowWidth" in ds and ds.WindowCenter not in (None, ""):
+        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+        unit = _window(values, _first(ds.WindowCenter), _first(ds.WindowWidth), function)
+    elif bits_stored <= 8 and not has_modality and int(ds.get("PixelRepresentation", 0)) == 0:
+        unit = values / 255.0 if bits_stored == 8 else values / float(2**bits_stored - 1)
+    else:
+        unit = _robust_unit(values)
+    if photometric == "MONOCHROME1":
+        unit = 1.0 - unit
+    return np.ascontiguousarray(unit, dtype=np.float32)
+
+
+def is_dicom_file(path: Path) -> bool:
+    """DICOM Part 10 files carry ``DICM`` after a 128-byte preamble."""
+    with open(path, "rb") as fh:
+        head = fh.read(132)
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _load_raster(path: Path) -> FloatImage:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(im, dtype=np.float64)
+                top = 65535.0 if im.mode.startswith("I;16") or arr.max() <= 65535 else arr.max()
+                out = arr / top
+            elif im.mode == "F":
+                out = _robust_unit(np.asarray(im, dtype=np.float64))
+            else:
+                out = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise UndecodablePixelsError(
+            f"{path.name} is neither DICOM nor a readable image: {exc}"
+        ) from exc
+    return np.ascontiguousarray(np.clip(out, 0.0, 1.0), dtype=np.float32)
+
+
+def load_image_file(path: Path) -> FloatImage:
+    """A DICOM (by its magic), PNG or JPEG file as float32 H x W in [0, 1]."""
+    path = Path(path)
+    if is_dicom_file(path):
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception as exc:  # pydicom raises many types for a damaged file
+            raise UndecodablePixelsError(f"{path.name} cannot be parsed as DICOM: {exc}") from exc
+        return decode_pixels(ds)
+    return _load_raster(path)
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """How a source image sits inside the square network input.
+
+    The image was scaled by ``scale`` to ``height`` x ``width`` and placed at
+    (``top``, ``left``) in a ``size`` x ``size`` square padded with zeros.
+    """
+
+    size: int
+    scale: float
+    top: int
+    left: int
+    height: int
+    width: int
+    source_height: int
+    source_width: int
+
+    def to_source(self, map_sq: np.ndarray, shape: tuple[int, int] | None = None) -> np.ndarray:
+        """A map on the square back to the source resolution (``shape`` = (h, w))."""
+        h, w = shape if shape is not None else (self.source_height, self.source_width)
+        sq: np.ndarray = np.asarray(map_sq, dtype=np.float32)
+        if sq.shape != (self.size, self.size):
+            sq = np.asarray(cv2.resize(sq, (self.size, self.size), interpolation=cv2.INTER_LINEAR))
+        inner = sq[self.top : self.top + self.height, self.left : self.left + self.width]
+        out = cv2.resize(np.ascontiguousarray(inner), (int(w), int(h)),
+                         interpolation=cv2.INTER_LINEAR)
+        return np.asarray(out, dtype=np.float32)
+
+
+def _fit(img: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
+    h, w = img.shape
+    if h < 1 or w < 1:
+        raise UnsupportedImageError(f"empty image of shape {img.shape}")
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    src = np.ascontiguousarray(img, dtype=np.float32)
+    resized = cv2.resize(src, (nw, nh), interpolation=interp)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    return resized, Letterbox(size, scale, top, left, nh, nw, h, w)
+
+
+def _pad(resized: np.ndarray, box: Letterbox) -> np.ndarray:
+    square = np.zeros((box.size, box.size), dtype=np.float32)
+    square[box.top : box.top + box.height, box.left : box.left + box.width] = resized
+    return square
+
+
+def letterbox(img: FloatImage, size: int) -> tuple[np.ndarray, Letterbox]:
+    """Resize keeping the aspect ratio (INTER_AREA when shrinking) and pad to a square."""
+    resized, box = _fit(img, size)
+    return _pad(np.clip(resized, 0.0, 1.0), box), box
+
+
+def apply_contrast(
+    img: FloatImage, method: str, clahe_clip: float = 2.0, clahe_tiles: int = 8
+) -> FloatImage:
+    """Optional contrast normalisation on an 8-bit rendering: CLAHE or global equalisation."""
+    if method == "none":
+        return img
+    if method not in CONTRAST_METHODS:
+        raise ValueError(f"contrast method {method!r} must be one of {CONTRAST_METHODS}")
+    u8 = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
+    if method == "clahe":
+        clahe = cv2.createCLAHE(clipLimit=clahe_clip, tileGridSize=(clahe_tiles, clahe_tiles))
+        out = clahe.apply(u8)
+    else:
+        out = cv2.equalizeHist(u8)
+    return out.astype(np.float32) / 255.0
+
+
+def prepare_image(
+    img: FloatImage, size: int, contrast: str = "none", clahe_clip: float = 2.0,
+    clahe_tiles: int = 8,
+) -> tuple[np.ndarray, Letterbox]:
+    """Letterbox to ``size`` and apply the contrast method to the image (not the padding)."""
+    resized, box = _fit(img, size)
+    resized = apply_contrast(np.clip(resized, 0.0, 1.0), contrast, clahe_clip, clahe_tiles)
+    return _pad(resized, box), box
+
+
+__all__ = [
+    "CONTRAST_METHODS",
+    "Letterbox",
+    "apply_contrast",
+    "decode_pixels",
+    "is_dicom_file",
+    "letterbox",
+    "load_image_file",
+    "prepare_image",
+]
