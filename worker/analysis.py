@@ -414,15 +414,20 @@ def finish(
     return outcome
 
 
-def previous_sr_uid(db: Database, study_id: int) -> str | None:
+def previous_sr(db: Database, study_id: int) -> Any:
     """The SR of the study's latest earlier analysis, referenced as a predecessor."""
+    from db.models import ModelVersion
+    from worker.outputs import PreviousSr
+
     with db.session() as s:
-        return s.scalars(
-            select(Analysis.sr_sop_instance_uid)
+        row = s.execute(
+            select(Analysis.sr_sop_instance_uid, ModelVersion.version, ModelVersion.sha256)
+            .join(ModelVersion, ModelVersion.id == Analysis.model_version_id)
             .where(Analysis.study_id == study_id, Analysis.sr_sop_instance_uid.is_not(None))
             .order_by(Analysis.finished_at.desc(), Analysis.id.desc())
             .limit(1)
         ).first()
+    return None if row is None else PreviousSr(str(row[0]), str(row[1]), str(row[2]))
 
 
 # ---------------------------------------------------------------------------- the whole
@@ -444,6 +449,6 @@ def analyse_study(
         release_waiting(db, study_id, generation, str(exc))
         return Outcome(study_id, "waiting", str(exc))
     result = compute(claimed, model, settings)
-    predecessor = previous_sr_uid(db, study_id)
+    predecessor = previous_sr(db, study_id)
     outputs, sr_uid = write_outputs(settings, claimed, model, result, predecessor)
     return finish(db, settings, claimed, result, outputs, sr_uid)

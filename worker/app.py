@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from celery import Celery
+from celery.signals import setup_logging
 
 from db.broker import make_celery
 from db.settings import Settings, load_settings
@@ -38,6 +39,17 @@ def build_app(s: Settings) -> Celery:
 
 
 app: Celery = build_app(settings)
+
+
+@setup_logging.connect
+def _configure_logging(**_: object) -> None:
+    """One line per event on stderr at ``settings.log_level``, for our loggers and
+    Celery's alike (Celery skips its own set-up when this signal has a receiver)."""
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
+    )
+
 
 # Importing the tasks here registers them with ``app`` in every process that uses it,
 # whether it is started by ``celery -A worker worker`` or imports ``worker.app``.
