@@ -269,58 +269,40 @@ def load_pixels(images: list[ImageResult]) -> None:
 
 def score_images(images: list[ImageResult], model: LoadedProductionModel,
                  settings: Settings, study_uid: str) -> None:
-    """One forward pass for every scored image of the study, then one heatmap each."""
-    import torch
+    """One forward pass for every scored image of the study, then one heatmap each.
 
-    from trainer.transforms import to_tensor_batch
+    CUDA out-of-memory surfaces from the scorer as TransientError (retried)."""
+    from trainer.heatmaps import save_heatmap
 
     scored = [img for img in images if img.scored and img.image is not None]
     if not scored:
         return
-    meta = model.loaded.meta
-    try:
-        t0 = time.perf_counter()
-        batch = to_tensor_batch([img.image for img in scored], meta)
-        probs = np.asarray(model.scorer.predict(batch), dtype=np.float64).reshape(-1)
-        forward_s = time.perf_counter() - t0
-        for img, p in zip(scored, probs):
-            img.probability = float(p)
-            img.timings["forward_s"] = forward_s / len(scored)
-        for img in scored:
-            t1 = time.perf_counter()
-            img.heatmap = compute_heatmap(img.image, model, settings)  # type: ignore[arg-type]
-            img.timings["heatmap_s"] = time.perf_counter() - t1
-            img.heatmap_path = save_heatmap(settings, study_uid, img)
-    except torch.cuda.OutOfMemoryError as exc:
-        raise TransientError(f"GPU out of memory: {exc}") from exc
+    t0 = time.perf_counter()
+    probs = np.asarray(model.scorer.predict([img.image for img in scored]),
+                       dtype=np.float64).reshape(-1)
+    forward_s = time.perf_counter() - t0
+    for img, p in zip(scored, probs, strict=True):
+        img.probability = float(p)
+        img.timings["forward_s"] = forward_s / len(scored)
+    t1 = time.perf_counter()
+    maps = compute_heatmaps([img.image for img in scored], model, settings)  # type: ignore[misc]
+    per_image = (time.perf_counter() - t1) / len(scored)
+    for img, heat in zip(scored, maps, strict=True):
+        img.heatmap = heat
+        img.timings["heatmap_s"] = per_image
+        img.heatmap_path = save_heatmap(heat, settings, study_uid,
+                                        img.instance.sop_instance_uid)
 
 
-def compute_heatmap(image: np.ndarray, model: LoadedProductionModel,
-                    settings: Settings) -> np.ndarray:
-    """A heatmap at the image's resolution, by ``settings.heatmap_method``."""
+def compute_heatmaps(images01: list[np.ndarray], model: LoadedProductionModel,
+                     settings: Settings) -> list[np.ndarray]:
+    """Heatmaps at source resolution by ``settings.heatmap_method``: Grad-CAM for the whole
+    study in one pass, occlusion image by image (it batches its own windows)."""
     from trainer import heatmaps
 
-    if settings.heatmap_method == "occlusion":
-        out = heatmaps.occlusion(
-            model.loaded, image, size=settings.occlusion_size,
-            stride=settings.occlusion_stride, batch=settings.occlusion_batch,
-            device=model.device,
-        )
-    else:
-        out = heatmaps.gradcam(model.loaded, image, device=model.device)
-    return np.asarray(out, dtype=np.float32)
-
-
-def save_heatmap(settings: Settings, study_uid: str, img: ImageResult) -> Path:
-    """Write the heatmap at source resolution next to the study's other heatmaps."""
-    folder = settings.heatmaps_dir / study_uid
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{img.instance.sop_instance_uid}.npy"
-    tmp = path.with_suffix(".npy.tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, np.asarray(img.heatmap, dtype=np.float16))
-    tmp.replace(path)
-    return path
+    if settings.heatmap_method == "gradcam":
+        return heatmaps.gradcam_batch(model.loaded, images01, model.device)
+    return [heatmaps.compute(model.loaded, img, settings, model.device) for img in images01]
 
 
 def summarise(images: list[ImageResult], threshold: float) -> StudyResult:
