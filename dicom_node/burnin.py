@@ -1,0 +1,137 @@
+"""Rendering of the heatmap picture: colour overlay, colour scale bar and burned-in text.
+
+Kept apart from the DICOM object so the picture can be checked on its own (and written
+as a PNG for a human to look at). Everything here works on numpy arrays and PIL images
+and uses no network or font files: Pillow's built-in scalable font is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from matplotlib import colormaps
+from PIL import Image, ImageDraw, ImageFont
+
+# A perceptual rainbow (Google's Turbo) as a 256-entry uint8 lookup table.
+TURBO_LUT: np.ndarray = (colormaps["turbo"](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0).round(
+).astype(np.uint8)
+
+MAX_SIDE = 1024
+MAX_ALPHA = 0.55
+
+
+@dataclass(frozen=True)
+class Caption:
+    """The text burned into the picture."""
+
+    probability: float
+    threshold: float
+    model_name: str
+    model_version: str
+    heatmap_method: str
+
+    @property
+    def positive(self) -> bool:
+        return self.probability >= self.threshold
+
+    def lines(self) -> list[str]:
+        call = "POSITIVE" if self.positive else "NEGATIVE"
+        return [
+            f"COVID-19 probability {self.probability:.2f}: {call} "
+            f"(threshold {self.threshold:.2f})",
+            f"Model {self.model_name} {self.model_version}, heatmap {self.heatmap_method}",
+            "AI RESULT - NOT FOR DIAGNOSTIC USE",
+        ]
+
+
+def colorize(values01: np.ndarray) -> np.ndarray:
+    """Map values in [0, 1] to RGB uint8 through the Turbo table."""
+    idx = np.clip(np.nan_to_num(values01, nan=0.0), 0.0, 1.0) * 255.0
+    return TURBO_LUT[idx.round().astype(np.intp)]
+
+
+def target_size(height: int, width: int, max_side: int = MAX_SIDE) -> tuple[int, int]:
+    """(height, width) with the long side at most ``max_side``; never upscaled."""
+    scale = min(1.0, max_side / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def _resize(array01: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    if array01.shape == size_hw:
+        return array01.astype(np.float32)
+    img = Image.fromarray(np.clip(array01, 0.0, 1.0).astype(np.float32), mode="F")
+    resized = img.resize((size_hw[1], size_hw[0]), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.float32)
+
+
+def overlay(image01: np.ndarray, heatmap01: np.ndarray | None,
+            max_side: int = MAX_SIDE) -> np.ndarray:
+    """The radiograph in grey with the heatmap blended in colour, RGB uint8.
+
+    The colour's opacity grows with the heatmap value, so cold regions show the
+    radiograph almost untouched and hot regions stand out.
+    """
+    if image01.ndim != 2:
+        raise ValueError(f"expected a 2-D image, got shape {image01.shape}")
+    size = target_size(*image01.shape, max_side=max_side)
+    grey = _resize(image01, size)
+    base = np.repeat(np.clip(grey, 0.0, 1.0)[..., None] * 255.0, 3, axis=2)
+    if heatmap01 is None:
+        return base.round().astype(np.uint8)
+    heat = np.clip(_resize(heatmap01, size), 0.0, 1.0)
+    alpha = (MAX_ALPHA * heat)[..., None]
+    blended = (1.0 - alpha) * base + alpha * colorize(heat).astype(np.float32)
+    return blended.round().clip(0, 255).astype(np.uint8)
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def render(image01: np.ndarray, heatmap01: np.ndarray | None, caption: Caption,
+           max_side: int = MAX_SIDE) -> np.ndarray:
+    """The full picture: a caption banner on top, the overlay, a colour bar on the right."""
+    body = overlay(image01, heatmap01, max_side=max_side)
+    h, w = body.shape[:2]
+    font_px = max(9, round(max(h, w) / 48))
+    pad = max(3, font_px // 3)
+    lines = caption.lines()
+    banner_h = pad + len(lines) * (font_px + pad) + pad
+    bar_w = max(28, round(w * 0.11)) if heatmap01 is not None else 0
+    canvas = Image.new("RGB", (w + bar_w, banner_h + h), (0, 0, 0))
+    canvas.paste(Image.fromarray(body, mode="RGB"), (0, banner_h))
+    draw = ImageDraw.Draw(canvas)
+    font = _font(font_px)
+    y = pad
+    for i, line in enumerate(lines):
+        colour = (255, 255, 255)
+        if i == 0:
+            colour = (255, 96, 64) if caption.positive else (96, 224, 96)
+        elif i == len(lines) - 1:
+            colour = (255, 220, 0)
+        draw.text((pad, y), line, fill=colour, font=font)
+        y += font_px + pad
+    if bar_w:
+        _draw_colour_bar(canvas, draw, x0=w, y0=banner_h, width=bar_w, height=h)
+    return np.asarray(canvas, dtype=np.uint8)
+
+
+def _draw_colour_bar(canvas: Image.Image, draw: ImageDraw.ImageDraw, x0: int, y0: int,
+                     width: int, height: int) -> None:
+    """A vertical scale from 1 (top) to 0 (bottom) with tick labels."""
+    font_px = max(8, min(width // 3, round(height / 40)))
+    margin = font_px
+    strip_w = max(6, width // 3)
+    bar_h = max(2, height - 2 * margin)
+    ramp = np.linspace(1.0, 0.0, bar_h, dtype=np.float32)[:, None].repeat(strip_w, axis=1)
+    canvas.paste(Image.fromarray(colorize(ramp), mode="RGB"), (x0 + 3, y0 + margin))
+    font = _font(font_px)
+    for value in (1.0, 0.5, 0.0):
+        ty = y0 + margin + round((1.0 - value) * (bar_h - 1))
+        draw.line([(x0 + 3 + strip_w, ty), (x0 + 6 + strip_w, ty)], fill=(255, 255, 255))
+        draw.text((x0 + 8 + strip_w, ty - font_px // 2), f"{value:.1f}", fill=(255, 255, 255),
+                  font=font)
+
+
+__all__ = ["Caption", "TURBO_LUT", "colorize", "overlay", "render", "target_size"]

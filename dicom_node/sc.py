@@ -1,0 +1,120 @@
+"""The heatmap picture we send back to the PACS: an RGB Secondary Capture.
+
+One per scored source image, in its own series of the source's study. The picture (see
+:mod:`dicom_node.burnin`) carries the probability, the call, the model version and "NOT
+FOR DIAGNOSTIC USE" as burned-in text, so Burned In Annotation is YES. The Source Image
+Sequence points at the radiograph it was computed from.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from dicom_node import identity
+from dicom_node.burnin import MAX_SIDE, Caption, render
+from dicom_node.conformance import sanitise_source
+from dicom_node.results import ModelInfo, ScoredImage
+from dicom_node.sr import contributing_equipment
+
+log = logging.getLogger(__name__)
+
+SC_SERIES_DESCRIPTION = "AI HEATMAP - NOT FOR DIAGNOSTIC USE"
+_ORIENTATION_LETTERS = frozenset("APLRHF")
+
+
+def _source_orientation(header: Dataset) -> tuple[str, str] | None:
+    """The source's Patient Orientation where highdicom can take it as it is."""
+    value = header.get("PatientOrientation")
+    if value is None or isinstance(value, str) or len(value) != 2:
+        return None
+    row, col = str(value[0]), str(value[1])
+    if row in _ORIENTATION_LETTERS and col in _ORIENTATION_LETTERS:
+        return row, col
+    return None
+
+
+def _instance_number(header: Dataset) -> int:
+    value = header.get("InstanceNumber")
+    try:
+        number = int(value) if value not in (None, "") else 1
+    except (TypeError, ValueError):
+        return 1
+    return number if number > 0 else 1
+
+
+def build_heatmap_sc(scored: ScoredImage, model: ModelInfo, max_side: int = MAX_SIDE,
+                     institution_name: str | None = None) -> Dataset:
+    """The Secondary Capture of one scored image's heatmap over the radiograph."""
+    header = sanitise_source(scored.source)
+    caption = Caption(
+        probability=float(scored.probability),
+        threshold=float(model.threshold),
+        model_name=model.name,
+        model_version=model.version,
+        heatmap_method=model.heatmap_method,
+    )
+    pixels = render(scored.image01, scored.heatmap, caption, max_side=max_side)
+    study_uid = str(header.StudyInstanceUID)
+    source_uid = str(header.SOPInstanceUID)
+    orientation = _source_orientation(header)
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=header,
+        pixel_array=pixels,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=identity.series_uid(identity.SC, study_uid, model.version,
+                                                model.sha256),
+        series_number=identity.series_number(identity.SC, model.version),
+        sop_instance_uid=identity.instance_uid(identity.SC, [source_uid], model.version,
+                                               model.sha256),
+        instance_number=_instance_number(header),
+        manufacturer=model.manufacturer[:64],
+        # highdicom insists on an orientation for the PATIENT system; where the source
+        # has none we pass a placeholder and empty it below (Type 2C allows empty), so
+        # no orientation is invented.
+        patient_orientation=orientation or ("L", "F"),
+        contributing_equipment=[contributing_equipment(model)],
+    )
+    if orientation is None:
+        sc.PatientOrientation = None
+    # Faithful copy of the Patient and Study modules beyond highdicom's core attributes.
+    sc.copy_patient_and_study_information(header)
+    sc.SeriesDescription = SC_SERIES_DESCRIPTION
+    # Laterality is Type 2C in General Series: needed for paired body parts. With a known
+    # (unpaired) chest it stays out; without a body part it is present and empty, unless
+    # the source states a side. A side is never guessed.
+    if header.get("Laterality"):
+        sc.Laterality = header.Laterality
+    if header.get("BodyPartExamined"):
+        sc.BodyPartExamined = header.BodyPartExamined
+    elif "Laterality" not in sc:
+        sc.Laterality = None
+    sc.BurnedInAnnotation = "YES"
+    sc.RecognizableVisualFeatures = "YES"
+    if institution_name:
+        sc.InstitutionName = institution_name[:64]
+    sc.ImageComments = " / ".join(caption.lines())[:10240]
+    sc.DerivationDescription = (
+        f"{model.heatmap_method} heatmap of {model.name} {model.version} over the source "
+        "radiograph"
+    )[:1024]
+    derivation = Dataset()
+    derivation.CodeValue = codes.DCM.ImageProcessing.value
+    derivation.CodingSchemeDesignator = "DCM"
+    derivation.CodeMeaning = codes.DCM.ImageProcessing.meaning
+    sc.DerivationCodeSequence = [derivation]
+    source_item = Dataset()
+    source_item.ReferencedSOPClassUID = header.SOPClassUID
+    source_item.ReferencedSOPInstanceUID = source_uid
+    sc.SourceImageSequence = [source_item]
+    log.info("built heatmap SC %s for source %s of study %s, model %s",
+             sc.SOPInstanceUID, source_uid, study_uid, model.version)
+    return sc
+
+
+__all__ = ["SC_SERIES_DESCRIPTION", "build_heatmap_sc"]
