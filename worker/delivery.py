@@ -95,15 +95,44 @@ def backoff_seconds(settings: Settings, attempts: int) -> float:
 
 
 def send(path: Path, destination: Destination, calling_ae: str) -> SendResult:
-    """One C-STORE of one file through ``dicom_node.sender``."""
-    from dicom_node.sender import send_file
-
+    """One C-STORE of one file, through ``dicom_node.sender`` where it exists."""
+    try:
+        from dicom_node.sender import send_file
+    except ImportError:  # the sender module has not landed in this tree: see store_file
+        return store_file(path, destination, calling_ae)
     outcome = send_file(path, destination, calling_ae)
     ok = bool(getattr(outcome, "ok", False))
     status = getattr(outcome, "status", None)
     reason = getattr(outcome, "reason", None) or getattr(outcome, "message", None)
     return SendResult(ok, None if status is None else str(status),
                       None if reason is None else str(reason))
+
+
+def store_file(path: Path, destination: Destination, calling_ae: str,
+               timeout: float = 30.0) -> SendResult:
+    """A plain pynetdicom C-STORE: success and warning statuses (0x0000, 0xB000-0xBFFF)
+    count as delivered; a refused association or a failure status does not."""
+    import pydicom
+    from pynetdicom import AE
+
+    ds = pydicom.dcmread(path)
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        return SendResult(False, None, f"association with {destination} refused or failed")
+    try:
+        status = assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+    code = int(status.Status) if status and "Status" in status else None
+    if code is None:
+        return SendResult(False, None, f"no C-STORE response from {destination}")
+    text = f"0x{code:04X}"
+    if code == 0x0000 or 0xB000 <= code <= 0xBFFF:
+        return SendResult(True, text, None)
+    return SendResult(False, text, f"{destination} answered C-STORE status {text}")
 
 
 def _claim(db: Database, delivery_id: int, now: datetime) -> Delivery | None:
@@ -125,6 +154,7 @@ def deliver(db: Database, settings: Settings, delivery_id: int,
             now: datetime | None = None) -> DeliveryOutcome:
     """Send one outbox row if it is pending and due; record what happened."""
     now = now or utcnow()
+    started = utcnow()
     row = _claim(db, delivery_id, now)
     if row is None:
         return DeliveryOutcome(delivery_id, "noop", reason="not pending or not yet due")
@@ -137,7 +167,7 @@ def deliver(db: Database, settings: Settings, delivery_id: int,
         result = SendResult(False, None, f"outbox file missing: {exc}")
     except Exception as exc:  # the sender's contract is an outcome; anything else is ours
         result = SendResult(False, None, f"{type(exc).__name__}: {exc}")
-    done_at = utcnow()
+    done_at = now + (utcnow() - started)  # the caller's clock, advanced by the send
     with db.session() as s:
         current = s.get(Delivery, delivery_id, with_for_update=True)
         assert current is not None
