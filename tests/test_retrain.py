@@ -1,0 +1,117 @@
+"""The nightly run: bootstrap, promotion gating both ways, no-op, lock, report, records."""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import os
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from db.models import Evaluation, ModelStage, ModelVersion, RetrainRun
+from db.session import Database
+from db.settings import Settings
+from tests.support.trainer_synthetic import write_folder
+from trainer.registry import list_models, production_model
+from trainer.retrain import EXIT_LOCKED, EXIT_OK, main, run_lock, run_nightly
+from trainer.splits import Split, assign_split
+
+TINY = {"input_size": 64, "epochs": 3, "batch_size": 16}
+FAST = {"head_epochs": 3, "views": 2, "contrast": "none"}
+
+
+def _tiny(make_settings, database_url: str) -> Settings:  # type: ignore[no-untyped-def]
+    return make_settings(database_url=database_url, min_new_labels=5,  # type: ignore[no-any-return]
+                         split_fractions=(0.5, 0.25, 0.25), **TINY)
+
+
+def _shuffle_training_labels(root: Path, s: Settings) -> None:
+    """Random labels for train/validation patients; test patients keep their true labels."""
+    rows = list(csv.DictReader((root / "labels.csv").open()))
+    import random
+
+    rng = random.Random(7)
+    for r in rows:
+        if assign_split(r["patient_id"], s.split_key, s.split_fractions) != Split.TEST:
+            r["label"] = str(rng.randint(0, 1))
+    with (root / "labels.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+@pytest.mark.slow
+def test_bootstrap_then_better_promoted_then_worse_kept(  # type: ignore[no-untyped-def]
+    make_settings, database_url: str, tmp_path: Path
+) -> None:
+    s = _tiny(make_settings, database_url)
+    weak = write_folder(tmp_path / "weak", n_patients=48, signal=0.12, seed=1)
+    strong = write_folder(tmp_path / "strong", n_patients=64, signal=1.0, seed=2)
+
+    first = run_nightly(s, [weak], train_overrides=FAST)
+    assert first.exit_code == EXIT_OK and first.decision == "promoted"
+    assert first.reasons[0].startswith("no production model")
+    db = Database(s)
+    assert production_model(db) is not None
+    assert production_model(db).version == first.challenger  # type: ignore[union-attr]
+
+    better = run_nightly(s, [strong], force=True, train_overrides=FAST)
+    assert better.decision == "promoted", better.reasons
+    assert production_model(db).version == better.challenger  # type: ignore[union-attr]
+
+    _shuffle_training_labels(strong, s)
+    worse = run_nightly(s, [strong], force=True, train_overrides=FAST, warm_start=False)
+    assert worse.decision == "kept", worse.reasons
+    assert any("below the champion" in r for r in worse.reasons)
+    assert production_model(db).version == better.challenger  # type: ignore[union-attr]
+
+    stages = {m.version: m.stage for m in list_models(db)}
+    assert stages == {first.challenger: ModelStage.RETIRED, better.challenger:
+                      ModelStage.PRODUCTION, worse.challenger: ModelStage.REJECTED}
+    with db.session() as session:
+        runs = session.scalars(select(RetrainRun).order_by(RetrainRun.id)).all()
+        assert [r.decision for r in runs] == ["promoted", "promoted", "kept"]
+        assert all(r.reasons and r.report_path for r in runs)
+        evals = session.scalars(select(Evaluation).where(Evaluation.kind == "test")).all()
+        assert len(evals) == 5  # challenger each run, champion in runs 2 and 3
+        assert all(e.metrics_json["per_source"] for e in evals)
+        for row in session.scalars(select(ModelVersion)):
+            assert Path(row.path).is_file() and len(row.sha256) == 64
+    report = Path(runs[2].report_path)  # type: ignore[arg-type]
+    assert report.is_file() and "below the champion" in report.read_text()
+    assert (report.parent / "roc.png").stat().st_size > 1000
+    assert len(list(report.parent.glob("hist-source-*.png"))) == 2
+    db.dispose()
+
+
+def test_not_enough_new_labels_is_a_clean_noop_and_the_lock_excludes(  # type: ignore[no-untyped-def]
+    make_settings, sqlite_url: str, tmp_path: Path
+) -> None:
+    s = make_settings(database_url=sqlite_url, min_new_labels=5)
+    db = Database(s)
+    from tests.support.trainer_db import fake_production_model
+
+    fake_production_model(db, tmp_path)
+    out = run_nightly(s)
+    assert out.exit_code == EXIT_OK and out.status == "noop"
+    assert "not enough new labels: 0" in out.reasons[0]
+    with db.session() as session:
+        run = session.scalars(select(RetrainRun)).one()
+        assert (run.status, run.decision) == ("noop", "none")
+    # a second run while the lock is held exits 3 without touching the database
+    fd = os.open(s.data_dir / "retrain.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        assert run_nightly(s).exit_code == EXIT_LOCKED
+    finally:
+        os.close(fd)
+    with run_lock(s.data_dir / "retrain.lock"):
+        pass  # released again
+    db.dispose()
+
+
+def test_cli_usage_errors_exit_2(tmp_path: Path) -> None:
+    assert main(["--bogus"]) == 2
+    assert main(["--dataset", str(tmp_path)]) == 2  # no labels.csv

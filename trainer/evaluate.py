@@ -1,0 +1,197 @@
+"""Evaluate a model on labelled images: ``python -m trainer.evaluate --dataset DIR``.
+
+Only patients never seen in training count: by default the test split of the patient-wise
+keyed split (``settings.split_key``), which no model trained here ever trains or validates
+on.  ``--patients all`` uses every patient, and is refused for a folder the model was
+trained on.  Scores come from the full network on the pixel pipeline used in inference.
+
+Exit codes: 0 done, 1 failure, 2 usage (bad arguments, unknown model, unusable dataset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from db.session import Database
+from db.settings import Settings, SettingsError, load_settings
+from trainer.checkpoint import CheckpointError, LoadedModel, ModelMeta, load_checkpoint
+from trainer.datasets import DatasetError, ImageRecord, describe, folder_records
+from trainer.metrics import evaluate_scores
+from trainer.registry import RegistryError, get_model, production_model
+from trainer.splits import Split, split_records
+from trainer.train import load_squares
+from trainer.transforms import normalise
+
+log = logging.getLogger(__name__)
+
+
+def predict_records(model: nn.Module, meta: ModelMeta, records: Sequence[ImageRecord],
+                    device: torch.device | str = "cpu", batch_size: int = 32,
+                    desc: str = "scoring") -> np.ndarray:
+    """Probabilities for ``records`` from the whole network (as the worker scores)."""
+    dev = torch.device(device)
+    model = model.to(dev).eval()
+    out: list[np.ndarray] = []
+    with tqdm(total=len(records), desc=desc, unit="img", leave=False, disable=None) as bar:
+        for s in range(0, len(records), batch_size):
+            chunk = records[s:s + batch_size]
+            x = normalise(load_squares(chunk, meta), meta.preprocessing).to(dev)
+            with torch.inference_mode():
+                if dev.type == "cuda":
+                    with torch.autocast("cuda", dtype=torch.float16):
+                        logits = model(x)
+                else:
+                    logits = model(x)
+            out.append(torch.sigmoid(logits.float()).view(-1).cpu().numpy())
+            bar.update(len(chunk))
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def evaluate_records(model: nn.Module, meta: ModelMeta, records: Sequence[ImageRecord],
+                     *, target_sensitivity: float | None = None,
+                     device: torch.device | str = "cpu") -> tuple[dict[str, Any], np.ndarray]:
+    """Every figure (overall and per source) at the model's own threshold, and the scores."""
+    scores = predict_records(model, meta, records, device)
+    y = np.array([r.label for r in records], dtype=np.int64)
+    result = evaluate_scores(y, scores, meta.threshold, groups=[r.source for r in records],
+                             target_sensitivity=target_sensitivity)
+    result["patients"] = len({r.patient_key for r in records})
+    return result, scores
+
+
+@dataclass
+class ResolvedModel:
+    loaded: LoadedModel
+    version: str | None
+    path: Path
+
+
+def resolve_model(spec: str | None, settings: Settings) -> ResolvedModel:
+    """A model by registered version, by file path, or the production model (None)."""
+    if spec and Path(spec).is_file():
+        return ResolvedModel(load_checkpoint(Path(spec), device="cpu"), None, Path(spec))
+    db = Database(settings)
+    try:
+        info = get_model(db, spec) if spec else production_model(db)
+    finally:
+        db.dispose()
+    if info is None:
+        raise RegistryError("no production model; pass --model VERSION or PATH")
+    loaded = load_checkpoint(Path(info.path), expected_sha256=info.sha256, device="cpu")
+    return ResolvedModel(loaded, info.version, Path(info.path))
+
+
+def select_patients(records: Sequence[ImageRecord], settings: Settings,
+                    patients: str) -> list[ImageRecord]:
+    if patients == "all":
+        return list(records)
+    return split_records(records, settings.split_key, settings.split_fractions)[Split(patients)]
+
+
+def _trained_on(meta: ModelMeta) -> set[str]:
+    extra = meta.provenance.extra or {}
+    return {str(d) for d in extra.get("datasets", [])}
+
+
+def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    resolved = resolve_model(args.model, settings)
+    records = folder_records(Path(args.dataset))
+    if args.patients == "all" and Path(args.dataset).resolve().name in {
+        Path(d).name for d in _trained_on(resolved.loaded.meta)
+    }:
+        raise DatasetError(
+            f"the model was trained on {args.dataset}; evaluate its test split instead "
+            "(--patients test)"
+        )
+    chosen = select_patients(records, settings, args.patients)
+    if not chosen:
+        raise DatasetError(f"no images of {args.patients} patients in {args.dataset}")
+    result, _ = evaluate_records(resolved.loaded.model, resolved.loaded.meta, chosen,
+                                 target_sensitivity=settings.target_sensitivity)
+    result["model"] = resolved.version or str(resolved.path)
+    result["dataset"] = str(args.dataset)
+    result["patients_used"] = (
+        f"{args.patients} split of the keyed patient split ({result['patients']} patients)"
+        if args.patients != "all" else f"all {result['patients']} patients"
+    )
+    result["data"] = describe(chosen)
+    return result
+
+
+def format_text(r: dict[str, Any]) -> str:
+    def ci(v: Any, c: Any) -> str:
+        if v is None:
+            return "n/a"
+        return f"{v:.3f}" + (f" [{c[0]:.3f}, {c[1]:.3f}]" if c else "")
+
+    lines = [
+        f"model {r['model']} on {r['dataset']}: {r['patients_used']}, {r['n']} images "
+        f"({r['n_positive']} positive)",
+        f"ROC AUC {ci(r['auc'], r['auc_ci'])}  PR AUC "
+        f"{'n/a' if r['pr_auc'] is None else format(r['pr_auc'], '.3f')}  "
+        f"Brier {r['brier']:.3f}",
+        f"threshold {r['threshold']:.4f}: sensitivity {ci(r['sensitivity'], r['sensitivity_ci'])}"
+        f"  specificity {ci(r['specificity'], r['specificity_ci'])}",
+        f"  PPV {ci(r['ppv'], r['ppv_ci'])}  NPV {ci(r['npv'], r['npv_ci'])}  "
+        f"F1 {ci(r['f1'], r['f1_ci'])}  accuracy {ci(r['accuracy'], r['accuracy_ci'])}",
+        f"  confusion {r['confusion']}",
+        "per source:",
+    ]
+    for name, s in r["per_source"].items():
+        lines.append(
+            f"  {name:12s} n={s['n']:4d} pos={s['n_positive']:4d} AUC {ci(s['auc'], s['auc_ci'])}"
+            f"  sens {ci(s['sensitivity'], s['sensitivity_ci'])}"
+            f"  spec {ci(s['specificity'], s['specificity_ci'])}"
+        )
+    lines.append("threshold  sensitivity  specificity")
+    for row in r["threshold_table"]:
+        sens = "n/a" if row["sensitivity"] is None else f"{row['sensitivity']:.3f}"
+        spec = "n/a" if row["specificity"] is None else f"{row['specificity']:.3f}"
+        lines.append(f"  {row['threshold']:.1f}      {sens:>8s}     {spec:>8s}")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True, help="folder with labels.csv")
+    p.add_argument("--model", help="registered version or checkpoint path (default: production)")
+    p.add_argument("--patients", choices=["test", "validation", "all"], default="test",
+                   help="which patients of the keyed split to use (default: test)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    try:
+        settings = load_settings()
+        result = run(args, settings)
+    except (SettingsError, DatasetError, RegistryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result) if args.json else format_text(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
