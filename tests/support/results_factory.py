@@ -78,10 +78,12 @@ def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
 
 
 # Warnings that real sources bring with them and that we accept: empty Type 2 study
-# attributes (DICOMDIR hints) and single-component person names of anonymised data.
+# attributes (DICOMDIR hints), single-component person names of anonymised data, and an
+# empty Laterality where the source names no body part (it is then truly unknown).
 ACCEPTED_WARNING_MARKERS = (
     "needed to build DICOMDIR",
     "Retired Person Name form",
+    "only permitted to be empty when actually unknown",
 )
 
 
