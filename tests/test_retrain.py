@@ -115,3 +115,41 @@ def test_not_enough_new_labels_is_a_clean_noop_and_the_lock_excludes(  # type: i
 def test_cli_usage_errors_exit_2(tmp_path: Path) -> None:
     assert main(["--bogus"]) == 2
     assert main(["--dataset", str(tmp_path)]) == 2  # no labels.csv
+
+
+@pytest.mark.slow
+def test_nightly_trains_on_received_studies_labelled_through_import(  # type: ignore[no-untyped-def]
+    make_settings, database_url: str, tmp_path: Path
+) -> None:
+    """Studies spooled and recorded as the listener does, labelled with the CSV import; no
+    test patient's study is ever used in training.  (The end-to-end test through the real
+    listener belongs with the listener's tests.)"""
+    from tests.support.trainer_db import spool_study
+    from trainer.labels import import_labels
+
+    s = _tiny(make_settings, database_url)
+    db = Database(s)
+    lines = ["study_uid,accession_number,label,source,date"]
+    for p in range(40):
+        positive = p % 2 == 0
+        for k in range(1 + p % 2):  # some patients have two studies
+            uid = spool_study(db, s, patient_id=f"MRN{p:04d}", positive=positive,
+                              seed=100 * p + k)
+            lines.append(f"{uid},,{'covid' if positive else 'not-covid'},RT-PCR,2024-03-01")
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    assert import_labels(db, tmp_path / "labels.csv").failed == 0
+
+    out = run_nightly(s, train_overrides=FAST)
+    assert out.exit_code == EXIT_OK and out.decision == "promoted", out.reasons
+    train_keys = {r.patient_key for r in out.splits["train"] + out.splits["validation"]}
+    test_keys = {r.patient_key for r in out.splits["test"]}
+    assert test_keys and not train_keys & test_keys
+    with db.session() as session:
+        model = session.scalars(select(ModelVersion)).one()
+        trained_on = set(model.metadata_json["provenance"]["extra"]["train_study_uids"])
+        ev = session.scalars(select(Evaluation).where(Evaluation.kind == "test")).one()
+        tested_on = set(ev.metrics_json["test_study_uids"])
+        assert tested_on and trained_on and not trained_on & tested_on
+        assert set(ev.metrics_json["per_source"]) == {"pacs:STORESCU"}
+        assert ev.auc is not None and ev.auc > 0.8
+    db.dispose()
