@@ -1,0 +1,111 @@
+"""Grad-CAM and occlusion sensitivity find the region that carries the class signal."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from db.settings import Settings
+from tests.support.model_synthetic import (
+    SIGNAL_CENTRE,
+    SIGNAL_RADIUS,
+    SIZE,
+    synthetic_image,
+    train_tiny_model,
+)
+from trainer import heatmaps
+from trainer.checkpoint import LoadedModel
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="module")
+def trained() -> LoadedModel:
+    return train_tiny_model()
+
+
+def positive(source: int) -> np.ndarray:
+    return synthetic_image(True, np.random.default_rng(11), source)
+
+
+def peak_near_signal(heatmap: np.ndarray, source: int) -> None:
+    f = source / SIZE
+    cy, cx = SIGNAL_CENTRE[0] * f, SIGNAL_CENTRE[1] * f
+    y, x = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    assert np.hypot(y - cy, x - cx) <= 3 * SIGNAL_RADIUS * f, (y, x, cy, cx)
+    yy, xx = np.mgrid[0 : heatmap.shape[0], 0 : heatmap.shape[1]]
+    inside = np.hypot(yy - cy, xx - cx) <= SIGNAL_RADIUS * f
+    far = np.hypot(yy - cy, xx - cx) > 4 * SIGNAL_RADIUS * f
+    assert heatmap[inside].mean() > 2 * heatmap[far].mean()
+
+
+METHODS: dict[str, Callable[..., np.ndarray]] = {
+    "gradcam": lambda loaded, img, dev: heatmaps.gradcam(loaded, img, device=dev),
+    "occlusion": lambda loaded, img, dev: heatmaps.occlusion(loaded, img, size=16, stride=8,
+                                                             batch=32, device=dev),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_heatmap_peaks_on_signal_at_source_resolution(trained: LoadedModel, method: str,
+                                                      device: str) -> None:
+    img = positive(128)
+    out = METHODS[method](trained, img, device)
+    assert out.dtype == np.float32 and out.shape == img.shape
+    assert float(out.min()) >= 0.0 and float(out.max()) > 0.9
+    peak_near_signal(out, 128)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_non_square_source_maps_back_through_letterbox(trained: LoadedModel, method: str) -> None:
+    img = np.concatenate([positive(128), np.full((32, 128), 0.35, np.float32)])  # 160 x 128
+    out = METHODS[method](trained, img, "cpu")
+    assert out.shape == (160, 128)
+    peak_near_signal(out[:128], 128)
+
+
+def test_occlusion_batching_does_not_change_the_map(trained: LoadedModel) -> None:
+    img = positive(64)
+    one = heatmaps.occlusion(trained, img, size=16, stride=8, batch=1, device="cpu")
+    many = heatmaps.occlusion(trained, img, size=16, stride=8, batch=64, device="cpu")
+    np.testing.assert_allclose(one, many, atol=1e-4)
+
+
+def test_gradcam_batch_matches_single(trained: LoadedModel) -> None:
+    a, b = positive(64), synthetic_image(True, np.random.default_rng(3), 96)
+    maps = heatmaps.gradcam_batch(trained, [a, b], device="cpu")
+    assert [m.shape for m in maps] == [(64, 64), (96, 96)]
+    np.testing.assert_allclose(maps[0], heatmaps.gradcam(trained, a, device="cpu"), atol=1e-4)
+
+
+def test_compute_follows_settings_and_writes_file(trained: LoadedModel, make_settings) -> None:  # type: ignore[no-untyped-def]
+    img = positive(64)
+    s: Settings = make_settings(heatmap_method="occlusion", occlusion_size=16,
+                                occlusion_stride=16, occlusion_batch=8)
+    occ = heatmaps.compute(trained, img, s, device="cpu")
+    np.testing.assert_allclose(
+        occ, heatmaps.occlusion(trained, img, 16, 16, 8, device="cpu"), atol=1e-5
+    )
+    cam = heatmaps.compute(trained, img, s.replace(heatmap_method="gradcam"), device="cpu")
+    np.testing.assert_allclose(cam, heatmaps.gradcam(trained, img, device="cpu"), atol=1e-5)
+    path = heatmaps.save_heatmap(cam, s, "1.2.3", "1.2.3.4")
+    assert path == s.heatmaps_dir / "1.2.3" / "1.2.3.4.npy" and path.is_file()
+    stored = np.load(path)
+    assert stored.dtype == np.float16 and stored.shape == img.shape
+    np.testing.assert_allclose(heatmaps.read_heatmap(path), cam, atol=1e-3)
+    assert [p.name for p in path.parent.iterdir()] == ["1.2.3.4.npy"]
+
+
+def test_write_heatmap_to_any_path(tmp_path: Path) -> None:
+    path = heatmaps.write_heatmap(np.linspace(0, 1, 12).reshape(3, 4), tmp_path / "a" / "h.npy")
+    assert np.load(path).shape == (3, 4)
+
+
+def test_bad_occlusion_parameters(trained: LoadedModel) -> None:
+    with pytest.raises(ValueError):
+        heatmaps.occlusion(trained, positive(64), size=0)
