@@ -186,7 +186,7 @@ class Settings:
         ):
             path.mkdir(parents=True, exist_ok=True)
         if self.uses_embedded_broker:
-            for sub in ("in", "processed"):
+            for sub in ("in", "processed", "control"):
                 (self.broker_dir / sub).mkdir(parents=True, exist_ok=True)
 
     def replace(self, **changes: Any) -> Settings:
