@@ -48,7 +48,8 @@ class Caption:
 def colorize(values01: np.ndarray) -> np.ndarray:
     """Map values in [0, 1] to RGB uint8 through the Turbo table."""
     idx = np.clip(np.nan_to_num(values01, nan=0.0), 0.0, 1.0) * 255.0
-    return TURBO_LUT[idx.round().astype(np.intp)]
+    rgb: np.ndarray = TURBO_LUT[idx.round().astype(np.intp)]
+    return rgb
 
 
 def target_size(height: int, width: int, max_side: int = MAX_SIDE) -> tuple[int, int]:
@@ -62,7 +63,8 @@ def _resize(array01: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
         return array01.astype(np.float32)
     img = Image.fromarray(np.clip(array01, 0.0, 1.0).astype(np.float32), mode="F")
     resized = img.resize((size_hw[1], size_hw[0]), Image.Resampling.BILINEAR)
-    return np.asarray(resized, dtype=np.float32)
+    out: np.ndarray = np.asarray(resized, dtype=np.float32)
+    return out
 
 
 def overlay(image01: np.ndarray, heatmap01: np.ndarray | None,
@@ -74,14 +76,15 @@ def overlay(image01: np.ndarray, heatmap01: np.ndarray | None,
     """
     if image01.ndim != 2:
         raise ValueError(f"expected a 2-D image, got shape {image01.shape}")
-    size = target_size(*image01.shape, max_side=max_side)
+    height, width = image01.shape
+    size = target_size(height, width, max_side=max_side)
     grey = _resize(image01, size)
     base = np.repeat(np.clip(grey, 0.0, 1.0)[..., None] * 255.0, 3, axis=2)
     if heatmap01 is None:
         return base.round().astype(np.uint8)
     heat = np.clip(_resize(heatmap01, size), 0.0, 1.0)
     alpha = (MAX_ALPHA * heat)[..., None]
-    blended = (1.0 - alpha) * base + alpha * colorize(heat).astype(np.float32)
+    blended: np.ndarray = (1.0 - alpha) * base + alpha * colorize(heat).astype(np.float32)
     return blended.round().clip(0, 255).astype(np.uint8)
 
 

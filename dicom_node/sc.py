@@ -81,7 +81,7 @@ def build_heatmap_sc(scored: ScoredImage, model: ModelInfo, max_side: int = MAX_
         contributing_equipment=[contributing_equipment(model)],
     )
     if orientation is None:
-        sc.PatientOrientation = None
+        sc.PatientOrientation = None  # type: ignore[assignment]
     # Faithful copy of the Patient and Study modules beyond highdicom's core attributes.
     sc.copy_patient_and_study_information(header)
     sc.SeriesDescription = SC_SERIES_DESCRIPTION
@@ -93,7 +93,7 @@ def build_heatmap_sc(scored: ScoredImage, model: ModelInfo, max_side: int = MAX_
     if header.get("BodyPartExamined"):
         sc.BodyPartExamined = header.BodyPartExamined
     elif "Laterality" not in sc:
-        sc.Laterality = None
+        sc.Laterality = None  # type: ignore[assignment]
     sc.BurnedInAnnotation = "YES"
     sc.RecognizableVisualFeatures = "YES"
     if institution_name:

@@ -30,7 +30,7 @@ from pydicom.sr.coding import Code
 
 from dicom_node import identity
 from dicom_node.conformance import sanitise_source
-from dicom_node.results import AnalysisResult, ModelInfo, PredecessorRef, ScoredImage
+from dicom_node.results import AnalysisResult, ModelInfo, PredecessorRef
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ def _num(group: hd.sr.MeasurementsAndQualitativeEvaluations, name: Code) -> floa
 def read_result(ds: Dataset) -> SrReadback:
     """Read the finding, probability and threshold back from one of our SRs."""
     sr = hd.sr.Comprehensive3DSR.from_dataset(ds)
-    content = sr.content
+    content: hd.sr.MeasurementReport = sr.content  # type: ignore[assignment]
     groups = content.get_image_measurement_groups(finding_type=COVID19)
     study = next((g for g in groups if g.tracking_identifier != IMAGE_GROUP_ID), None)
     present: bool | None = None

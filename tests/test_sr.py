@@ -88,7 +88,7 @@ def test_sr_of_a_three_image_study_validates_and_reads_back(tmp_path: Path) -> N
     assert readback.probability == pytest.approx(0.7)
     assert readback.threshold == pytest.approx(0.5)
     assert readback.image_probabilities == {
-        s.SOPInstanceUID: pytest.approx(p) for s, p in zip(sources, [0.1, 0.7, 0.3])
+        s.SOPInstanceUID: pytest.approx(p) for s, p in zip(sources, [0.1, 0.7, 0.3], strict=True)
     }
     assert readback.algorithm_name == model.name
     assert readback.algorithm_version == model.version
