@@ -22,7 +22,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from db.models import Instance, Study, StudyState, utcnow
@@ -285,18 +285,23 @@ _RECORD_ATTEMPTS = 3
 
 def _record(db: Database, header: Header, staged: spool.StagedFile, calling_ae: str | None,
             when: datetime) -> IngestOutcome:
-    """One short transaction: publish the staged file, add the instance, upsert the study."""
+    """One short transaction: publish the staged file, add the instance, upsert the study.
+
+    A recorded instance always has its file, so the duplicate lookup is only needed when
+    the final path already exists (a stat instead of a query on the common path).
+    """
     with db.session() as session:
-        existing = _existing(session, header.sop_uid)
-        if existing is not None:
-            staged.discard()
-            return IngestOutcome(existing.id, existing.study_id, True, Path(existing.path),
-                                 None, 0)
+        if staged.final.exists() or not staged.temp.exists():
+            existing = _existing(session, header.sop_uid)
+            if existing is not None:
+                staged.discard()
+                return IngestOutcome(existing.id, existing.study_id, True, Path(existing.path),
+                                     None, 0)
         if staged.temp.exists():
             staged.publish()
-        study, event = _upsert_study(session, header, when)
+        study_id, generation, event = _touch_study(session, header, when)
         instance = Instance(
-            study_id=study.id,
+            study_id=study_id,
             sop_instance_uid=header.sop_uid,
             sop_class_uid=header.sop_class_uid,
             series_uid=header.series_uid,
@@ -312,7 +317,21 @@ def _record(db: Database, header: Header, staged: spool.StagedFile, calling_ae: 
         )
         session.add(instance)
         session.flush()
-        return IngestOutcome(instance.id, study.id, False, staged.final, event, study.generation)
+        return IngestOutcome(instance.id, study_id, False, staged.final, event, generation)
+
+
+def _touch_study(session: Any, header: Header, when: datetime) -> tuple[int, int, str | None]:
+    """Bump a receiving study in one statement; create or re-open it otherwise."""
+    row = session.execute(
+        update(Study)
+        .where(Study.study_uid == header.study_uid, Study.state == StudyState.RECEIVING)
+        .values(last_instance_at=when, updated_at=when)
+        .returning(Study.id, Study.generation)
+    ).first()
+    if row is not None:
+        return int(row[0]), int(row[1]), None
+    study, event = _upsert_study(session, header, when)
+    return study.id, study.generation, event
 
 
 def _remove(staged: spool.StagedFile) -> None:

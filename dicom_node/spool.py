@@ -17,9 +17,11 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dicom_node.errors import TransientError
 
@@ -27,6 +29,7 @@ TEMP_PREFIX = ".incoming-"
 TEMP_SUFFIX = ".tmp"
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _MIB = 1024 * 1024
+_THREADED_HASH_BYTES = 2 * _MIB
 
 
 class SpoolFullError(TransientError):
@@ -103,37 +106,56 @@ def _ensure_dir(directory: Path) -> None:
 
 
 def stage(final: Path, chunks: Iterable[bytes | memoryview]) -> StagedFile:
-    """Write ``chunks`` to a temporary file beside ``final``, hashing while writing, and fsync.
+    """Write ``chunks`` to a temporary file beside ``final`` and fsync it.
 
+    The SHA-256 is computed in a helper thread while the main thread writes and syncs
+    (hashlib and file I/O both release the GIL), so hashing costs almost no latency.
     On any error the temporary file is removed and :class:`SpoolWriteError` is raised.
     """
     try:
+        parts = [memoryview(c) for c in chunks]
         _ensure_dir(final.parent)
         fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=final.parent)
     except OSError as exc:
         raise SpoolWriteError(f"cannot create a file under {final.parent}: {exc}") from exc
     temp = Path(name)
     digest = hashlib.sha256()
+    hasher = threading.Thread(target=_hash_into, args=(digest, parts), daemon=True)
+    if sum(len(p) for p in parts) >= _THREADED_HASH_BYTES:
+        hasher.start()
+    else:
+        hasher.run()  # small files: a thread costs more than it saves
     size = 0
     try:
         with os.fdopen(fd, "wb", buffering=0) as fh:
-            for chunk in chunks:
-                digest.update(chunk)
-                view = memoryview(chunk)
+            for view in parts:
+                size += len(view)
                 while view:
                     written = fh.write(view)
                     if not written:
                         raise OSError("short write")
                     view = view[written:]
-                size += len(chunk)
             os.fsync(fh.fileno())
     except OSError as exc:
+        _join(hasher)
         temp.unlink(missing_ok=True)
         raise SpoolWriteError(f"cannot write {final.name}: {exc}") from exc
     except BaseException:
+        _join(hasher)
         temp.unlink(missing_ok=True)
         raise
+    _join(hasher)
     return StagedFile(temp=temp, final=final, size=size, sha256=digest.hexdigest())
+
+
+def _join(thread: threading.Thread) -> None:
+    if thread.ident is not None:
+        thread.join()
+
+
+def _hash_into(digest: Any, parts: list[memoryview]) -> None:
+    for view in parts:
+        digest.update(view)
 
 
 def is_temp_name(name: str) -> bool:
