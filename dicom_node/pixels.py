@@ -22,6 +22,7 @@ optional contrast normalisation chosen by the model's preprocessing record.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels.processing import apply_modality_lut, apply_voi
+from pydicom.uid import JPEGBaseline8Bit
 
 from dicom_node.errors import (
     MissingPixelDataError,
@@ -38,6 +40,8 @@ from dicom_node.errors import (
     UndecodablePixelsError,
     UnsupportedImageError,
 )
+
+log = logging.getLogger(__name__)
 
 FloatImage = np.ndarray  # float32, H x W, values in [0, 1]
 
@@ -55,6 +59,21 @@ def _first(value: Any) -> float:
     return float(value)
 
 
+def _decode(ds: Dataset) -> np.ndarray:
+    """``ds.pixel_array``, with Pillow (libjpeg-turbo) first for 8-bit JPEG Baseline: about
+    four times faster than pylibjpeg or GDCM on a 1024 x 1024 radiograph."""
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if tsyntax == JPEGBaseline8Bit:
+        try:
+            ds.pixel_array_options(decoding_plugin="pillow")
+            return np.asarray(ds.pixel_array)
+        except Exception as exc:  # fall back to the other installed plugins
+            log.debug("pillow cannot decode this JPEG Baseline, trying others: %s", exc)
+        finally:
+            ds.pixel_array_options(decoding_plugin="")
+    return np.asarray(ds.pixel_array)
+
+
 def _stored(ds: Dataset) -> np.ndarray:
     """Decoded stored values, or an error that names the fault."""
     if not any(k in ds for k in PIXEL_KEYWORDS):
@@ -66,7 +85,7 @@ def _stored(ds: Dataset) -> np.ndarray:
     if photometric not in GRAYSCALE + COLOUR:
         raise UnsupportedImageError(f"photometric interpretation {photometric or '(none)'!r}")
     try:
-        arr = ds.pixel_array
+        arr = _decode(ds)
     except Exception as exc:  # decoders raise many types for damaged data
         tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(tsyntax, "name", str(tsyntax))
@@ -81,12 +100,13 @@ def _stored(ds: Dataset) -> np.ndarray:
 def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
     """Window Center/Width onto [0, 1] (PS3.3 C.11.2.1.2 and C.11.2.1.3)."""
     if function == "SIGMOID":
-        return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / max(width, 1e-6)))
+        exponent = np.clip(-4.0 * (values - center) / max(width, 1e-6), -80.0, 80.0)
+        return 1.0 / (1.0 + np.exp(exponent))
     if function == "LINEAR_EXACT":
         out = (values - center) / max(width, 1e-6) + 0.5
     else:  # LINEAR
         if width <= 1:
-            out = (values >= center - 0.5).astype(np.float64)
+            out = (values >= center - 0.5).astype(np.float32)
         else:
             out = (values - (center - 0.5)) / (width - 1) + 0.5
     return np.clip(out, 0.0, 1.0)
@@ -99,8 +119,9 @@ def _robust_unit(values: np.ndarray) -> np.ndarray:
     if hi <= lo:
         lo, hi = float(values.min()), float(values.max())
     if hi <= lo:
-        return np.zeros_like(values, dtype=np.float64)
-    return np.asarray(np.clip((values - lo) / (hi - lo), 0.0, 1.0), dtype=np.float64)
+        return np.zeros_like(values, dtype=np.float32)
+    scaled = (values.astype(np.float32) - np.float32(lo)) / np.float32(hi - lo)
+    return np.asarray(np.clip(scaled, 0.0, 1.0), dtype=np.float32)
 
 
 def _luminance(rgb: np.ndarray, bits_stored: int) -> np.ndarray:
@@ -122,20 +143,27 @@ def decode_pixels(ds: Dataset) -> FloatImage:
     if arr.ndim != 2:
         raise UnsupportedImageError(f"grayscale pixels of shape {arr.shape}")
     has_modality = "ModalityLUTSequence" in ds or "RescaleSlope" in ds or "RescaleIntercept" in ds
-    values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
-    if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
+    has_voi_lut = "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0
+    has_window = (
+        "WindowCenter" in ds and "WindowWidth" in ds and ds.WindowCenter not in (None, "")
+    )
+    unsigned = int(ds.get("PixelRepresentation", 0)) == 0
+    if bits_stored <= 8 and unsigned and not (has_modality or has_voi_lut or has_window):
+        # Display-ready 8-bit data: the fast path, scaled exactly like a PNG/JPEG.
+        unit = arr.astype(np.float32) * np.float32(1.0 / float(2**bits_stored - 1))
+    elif has_voi_lut:
         lut_bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        out = np.asarray(apply_voi(values, ds, index=0), dtype=np.float64)
-        unit = np.clip(out / float(2**lut_bits - 1), 0.0, 1.0)
-    elif "WindowCenter" in ds and "WindowWidth" in ds and ds.WindowCenter not in (None, ""):
+        out = np.asarray(apply_voi(apply_modality_lut(arr, ds), ds, index=0), dtype=np.float32)
+        unit = np.clip(out / np.float32(2**lut_bits - 1), 0.0, 1.0)
+    elif has_window:
+        values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
         function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
         unit = _window(values, _first(ds.WindowCenter), _first(ds.WindowWidth), function)
-    elif bits_stored <= 8 and not has_modality and int(ds.get("PixelRepresentation", 0)) == 0:
-        unit = values / 255.0 if bits_stored == 8 else values / float(2**bits_stored - 1)
     else:
+        values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
         unit = _robust_unit(values)
     if photometric == "MONOCHROME1":
-        unit = 1.0 - unit
+        unit = np.float32(1.0) - unit
     return np.ascontiguousarray(unit, dtype=np.float32)
 
 
