@@ -92,40 +92,83 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
+MIN_FONT_PX = 10
+
+
+def _wrap(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int) -> list[str]:
+    """Greedy word wrap of ``text`` into lines no wider than ``width`` pixels."""
+    lines: list[str] = []
+    current = ""
+    words: list[str] = []
+    for word in text.split():
+        # A word wider than the picture (a long model name) is cut by characters.
+        while font.getlength(word) > width and len(word) > 1:
+            cut = len(word) - 1
+            while cut > 1 and font.getlength(word[:cut]) > width:
+                cut -= 1
+            words.append(word[:cut])
+            word = word[cut:]
+        words.append(word)
+    for word in words:
+        trial = f"{current} {word}".strip()
+        if current and font.getlength(trial) > width:
+            lines.append(current)
+            current = word
+        else:
+            current = trial
+    return [*lines, current] if current else lines
+
+
+def _bar_layout(height: int) -> tuple[int, int, int]:
+    """(font px, strip width, total width) of a colour bar beside a body ``height`` tall."""
+    font_px = max(MIN_FONT_PX, round(height / 40))
+    strip_w = max(8, font_px)
+    label_w = round(_font(font_px).getlength("0.0"))
+    return font_px, strip_w, 3 + strip_w + 5 + label_w + 4
+
+
 def render(image01: np.ndarray, heatmap01: np.ndarray | None, caption: Caption,
            max_side: int = MAX_SIDE) -> np.ndarray:
-    """The full picture: a caption banner on top, the overlay, a colour bar on the right."""
+    """The full picture: a caption banner on top, the overlay, a colour bar on the right.
+
+    The caption's font scales with the picture (never below a legible minimum); on small
+    pictures its lines wrap instead of running off the edge.
+    """
     body = overlay(image01, heatmap01, max_side=max_side)
     h, w = body.shape[:2]
-    font_px = max(9, round(max(h, w) / 48))
+    bar_font_px, strip_w, bar_w = _bar_layout(h)
+    if heatmap01 is None:
+        bar_w = 0
+    canvas_w = w + bar_w
+    font_px = max(MIN_FONT_PX, round(max(h, w) / 48))
     pad = max(3, font_px // 3)
-    lines = caption.lines()
-    banner_h = pad + len(lines) * (font_px + pad) + pad
-    bar_w = max(28, round(w * 0.11)) if heatmap01 is not None else 0
-    canvas = Image.new("RGB", (w + bar_w, banner_h + h), (0, 0, 0))
+    font = _font(font_px)
+    colours = [
+        (255, 96, 64) if caption.positive else (96, 224, 96),
+        (255, 255, 255),
+        (255, 220, 0),
+    ]
+    rows: list[tuple[str, tuple[int, int, int]]] = []
+    for line, colour in zip(caption.lines(), colours, strict=True):
+        rows.extend((part, colour) for part in _wrap(line, font, canvas_w - 2 * pad))
+    banner_h = pad + len(rows) * (font_px + pad) + pad
+    canvas = Image.new("RGB", (canvas_w, banner_h + h), (0, 0, 0))
     canvas.paste(Image.fromarray(body, mode="RGB"), (0, banner_h))
     draw = ImageDraw.Draw(canvas)
-    font = _font(font_px)
     y = pad
-    for i, line in enumerate(lines):
-        colour = (255, 255, 255)
-        if i == 0:
-            colour = (255, 96, 64) if caption.positive else (96, 224, 96)
-        elif i == len(lines) - 1:
-            colour = (255, 220, 0)
-        draw.text((pad, y), line, fill=colour, font=font)
+    for text, colour in rows:
+        draw.text((pad, y), text, fill=colour, font=font)
         y += font_px + pad
     if bar_w:
-        _draw_colour_bar(canvas, draw, x0=w, y0=banner_h, width=bar_w, height=h)
+        _draw_colour_bar(canvas, draw, x0=w, y0=banner_h, height=h, font_px=bar_font_px,
+                         strip_w=strip_w)
     return np.asarray(canvas, dtype=np.uint8)
 
 
 def _draw_colour_bar(canvas: Image.Image, draw: ImageDraw.ImageDraw, x0: int, y0: int,
-                     width: int, height: int) -> None:
+                     height: int, font_px: int, strip_w: int) -> None:
     """A vertical scale from 1 (top) to 0 (bottom) with tick labels."""
-    font_px = max(8, min(width // 3, round(height / 40)))
     margin = font_px
-    strip_w = max(6, width // 3)
     bar_h = max(2, height - 2 * margin)
     ramp = np.linspace(1.0, 0.0, bar_h, dtype=np.float32)[:, None].repeat(strip_w, axis=1)
     canvas.paste(Image.fromarray(colorize(ramp), mode="RGB"), (x0 + 3, y0 + margin))
@@ -133,8 +176,8 @@ def _draw_colour_bar(canvas: Image.Image, draw: ImageDraw.ImageDraw, x0: int, y0
     for value in (1.0, 0.5, 0.0):
         ty = y0 + margin + round((1.0 - value) * (bar_h - 1))
         draw.line([(x0 + 3 + strip_w, ty), (x0 + 6 + strip_w, ty)], fill=(255, 255, 255))
-        draw.text((x0 + 8 + strip_w, ty - font_px // 2), f"{value:.1f}", fill=(255, 255, 255),
-                  font=font)
+        draw.text((x0 + 8 + strip_w, ty), f"{value:.1f}", fill=(255, 255, 255), font=font,
+                  anchor="lm")
 
 
 __all__ = ["Caption", "TURBO_LUT", "colorize", "overlay", "render", "target_size"]

@@ -15,7 +15,9 @@ headers:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from pydicom import config
@@ -125,7 +127,23 @@ def sanitise_source(source: Dataset) -> Dataset:
     return out
 
 
+@contextmanager
+def no_person_name_warnings() -> Iterator[None]:
+    """Silence highdicom's warning about single-component person names.
+
+    Anonymised sources often carry such names, which are legal; the warning's text holds
+    the patient's name, and patient names must never reach our logs.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r".*unlikely to represent the intended person name",
+            category=UserWarning,
+        )
+        yield
+
+
 __all__ = [
+    "no_person_name_warnings",
     "REQUIRED_UIDS",
     "TYPE2_PATIENT_STUDY",
     "sanitise_source",

@@ -16,7 +16,7 @@ from pydicom.sr.codedict import codes
 
 from dicom_node import identity
 from dicom_node.burnin import MAX_SIDE, Caption, render
-from dicom_node.conformance import sanitise_source
+from dicom_node.conformance import no_person_name_warnings, sanitise_source
 from dicom_node.results import ModelInfo, ScoredImage
 from dicom_node.sr import contributing_equipment
 
@@ -61,25 +61,26 @@ def build_heatmap_sc(scored: ScoredImage, model: ModelInfo, max_side: int = MAX_
     study_uid = str(header.StudyInstanceUID)
     source_uid = str(header.SOPInstanceUID)
     orientation = _source_orientation(header)
-    sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=header,
-        pixel_array=pixels,
-        photometric_interpretation="RGB",
-        bits_allocated=8,
-        coordinate_system="PATIENT",
-        series_instance_uid=identity.series_uid(identity.SC, study_uid, model.version,
-                                                model.sha256),
-        series_number=identity.series_number(identity.SC, model.version),
-        sop_instance_uid=identity.instance_uid(identity.SC, [source_uid], model.version,
-                                               model.sha256),
-        instance_number=_instance_number(header),
-        manufacturer=model.manufacturer[:64],
-        # highdicom insists on an orientation for the PATIENT system; where the source
-        # has none we pass a placeholder and empty it below (Type 2C allows empty), so
-        # no orientation is invented.
-        patient_orientation=orientation or ("L", "F"),
-        contributing_equipment=[contributing_equipment(model)],
-    )
+    with no_person_name_warnings():
+        sc = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=header,
+            pixel_array=pixels,
+            photometric_interpretation="RGB",
+            bits_allocated=8,
+            coordinate_system="PATIENT",
+            series_instance_uid=identity.series_uid(identity.SC, study_uid, model.version,
+                                                    model.sha256),
+            series_number=identity.series_number(identity.SC, model.version),
+            sop_instance_uid=identity.instance_uid(identity.SC, [source_uid], model.version,
+                                                   model.sha256),
+            instance_number=_instance_number(header),
+            manufacturer=model.manufacturer[:64],
+            # highdicom insists on an orientation for the PATIENT system; where the source
+            # has none we pass a placeholder and empty it below (Type 2C allows empty), so
+            # no orientation is invented.
+            patient_orientation=orientation or ("L", "F"),
+            contributing_equipment=[contributing_equipment(model)],
+        )
     if orientation is None:
         sc.PatientOrientation = None  # type: ignore[assignment]
     # Faithful copy of the Patient and Study modules beyond highdicom's core attributes.

@@ -29,7 +29,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from dicom_node import identity
-from dicom_node.conformance import sanitise_source
+from dicom_node.conformance import no_person_name_warnings, sanitise_source
 from dicom_node.results import AnalysisResult, ModelInfo, PredecessorRef
 
 log = logging.getLogger(__name__)
@@ -189,19 +189,22 @@ def _document(
         imaging_measurements=list(groups) or None,
         referenced_images=[_library_view(h) for h in headers],
     )
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=list(headers),
-        content=report[0],
-        series_instance_uid=identity.series_uid(kind, study_uid, model.version, model.sha256),
-        series_number=identity.series_number(identity.SR, model.version),
-        sop_instance_uid=identity.instance_uid(kind, source_uids, model.version, model.sha256),
-        instance_number=1,
-        manufacturer=model.manufacturer[:64],
-        is_complete=True,
-        institution_name=institution_name or None,
-        previous_versions=[_predecessor_dataset(predecessor)] if predecessor else None,
-        contributing_equipment=[contributing_equipment(model)],
-    )
+    with no_person_name_warnings():
+        sr = hd.sr.Comprehensive3DSR(
+            evidence=list(headers),
+            content=report[0],
+            series_instance_uid=identity.series_uid(kind, study_uid, model.version,
+                                                    model.sha256),
+            series_number=identity.series_number(identity.SR, model.version),
+            sop_instance_uid=identity.instance_uid(kind, source_uids, model.version,
+                                                   model.sha256),
+            instance_number=1,
+            manufacturer=model.manufacturer[:64],
+            is_complete=True,
+            institution_name=institution_name or None,
+            previous_versions=[_predecessor_dataset(predecessor)] if predecessor else None,
+            contributing_equipment=[contributing_equipment(model)],
+        )
     sr.SeriesDescription = series_description
     return sr
 

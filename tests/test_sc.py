@@ -89,6 +89,18 @@ def test_render_draws_caption_and_colour_bar() -> None:
     assert without.shape[1] == 300
 
 
+def test_caption_wraps_on_small_pictures_instead_of_running_off() -> None:
+    caption = Caption(0.81, 0.42, "a-rather-long-model-name", "2024.05.1", "occlusion")
+    out = render(np.zeros((96, 96), dtype=np.float32), None, caption)
+    banner = out[: out.shape[0] - 96]
+    assert out.shape[1] == 96
+    lit_rows = np.flatnonzero(banner.max(axis=(1, 2)) > 100)
+    # More text rows than the three caption lines: they wrapped.
+    gaps = np.count_nonzero(np.diff(lit_rows) > 1)
+    assert gaps + 1 > 3
+    assert banner[:, -2:].max() < 100, "text touches the right edge"
+
+
 def test_target_size_never_upscales() -> None:
     assert target_size(256, 200) == (256, 200)
     assert target_size(2048, 1536) == (MAX_SIDE, 768)

@@ -185,3 +185,18 @@ def test_sanitise_empties_invalid_type2_and_drops_invalid_optional() -> None:
     assert "PatientAge" not in clean
     assert "PixelData" not in clean
     assert clean.PatientName == ds.PatientName
+
+
+def test_builders_emit_no_warning_that_names_the_patient() -> None:
+    """highdicom warns about single-component names, quoting them: we keep that quiet."""
+    import warnings
+
+    from dicom_node.sc import build_heatmap_sc
+    from tests.support.results_factory import scored
+
+    source = make_cxr(rows=32, cols=32, patient_name="SINGLECOMPONENTNAME")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_sr(make_result([source]))
+        build_heatmap_sc(scored(source, 0.5), make_model())
+    assert not [w for w in caught if "SINGLECOMPONENTNAME" in str(w.message)]
