@@ -221,6 +221,45 @@ def _run_stage(
                 break
 
 
+def feature_cache(model: nn.Module, arch: str, k: int, meta: ModelMeta, cfg: TrainConfig,
+                  cache_root: Path | None) -> FeatureCache | None:
+    """The cache for this frozen prefix, preprocessing and augmentation (None: no cache)."""
+    if cache_root is None:
+        return None
+    digest = prefix_digest(model, arch, k, {"size": meta.input_size,
+                                            "prep": meta.to_dict()["preprocessing"],
+                                            "aug": repr(cfg.augmentation)})
+    return FeatureCache(cache_root, digest)
+
+
+def fit_on_features(model: nn.Module, arch: str, k: int, suffix: nn.Module,
+                    train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
+                    val_y: np.ndarray, cfg: TrainConfig,
+                    device: torch.device) -> list[dict[str, Any]]:
+    """Staged training of the stages after the cutoff on cached features.
+
+    Leaves ``model`` at the epoch with the best validation AUC, in eval mode and frozen.
+    """
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] = {"score": None, "state": None, "epoch": 0}
+    head_stage = len(stage_names(model, arch)) - 1
+    if cfg.head_epochs > 0 and head_stage > k:
+        _run_stage("head", model, suffix, arch, head_stage, cfg.lr_head, cfg.head_epochs,
+                   train_x, train_y, val_x, val_y, cfg, device, history, best)
+    if cfg.epochs > 0:
+        _run_stage("unfrozen", model, suffix, arch, k,
+                   cfg.lr_body if head_stage > k else cfg.lr_head, cfg.epochs,
+                   train_x, train_y, val_x, val_y, cfg, device, history, best)
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if history:
+        history[-1]["best_epoch"] = best["epoch"]
+    return history
+
+
 def train_model(
     train: Sequence[ImageRecord],
     val: Sequence[ImageRecord],
@@ -250,9 +289,7 @@ def train_model(
     k = cutoff_index(model, arch, cfg.cutoff)
     freeze_until(model, arch, k)
     prefix, suffix = split_model(model, arch, k)
-    digest = prefix_digest(model, arch, k, {"size": size, "prep": meta.to_dict()["preprocessing"],
-                                            "aug": repr(cfg.augmentation)})
-    cache = FeatureCache(cache_root, digest) if cache_root is not None else None
+    cache = feature_cache(model, arch, k, meta, cfg, cache_root)
     t0 = time.perf_counter()
     train_x = extract(prefix, train, meta, cfg.views, cache, device, cfg, "features train")
     val_x = extract(prefix, val, meta, 1, cache, device, cfg, "features val")
@@ -261,23 +298,10 @@ def train_model(
              len(val), tuple(train_x.shape[2:]), cache.hits if cache else 0, timings["features_s"])
     train_y = torch.tensor([float(r.label) for r in train])
     val_y = np.array([r.label for r in val], dtype=np.int64)
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"score": None, "state": None, "epoch": 0}
     t1 = time.perf_counter()
-    head_stage = len(stage_names(model, arch)) - 1
-    if cfg.head_epochs > 0 and head_stage > k:
-        _run_stage("head", model, suffix, arch, head_stage, cfg.lr_head, cfg.head_epochs,
-                   train_x, train_y, val_x, val_y, cfg, device, history, best)
-    if cfg.epochs > 0:
-        _run_stage("unfrozen", model, suffix, arch, k,
-                   cfg.lr_body if head_stage > k else cfg.lr_head, cfg.epochs,
-                   train_x, train_y, val_x, val_y, cfg, device, history, best)
+    history = fit_on_features(model, arch, k, suffix, train_x, train_y, val_x, val_y, cfg,
+                              device)
     timings["train_s"] = time.perf_counter() - t1
-    if best["state"] is not None:
-        model.load_state_dict(best["state"])
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
     val_p = _predict(suffix, val_x[:, 0], device)
     if val_y.any():
         threshold = threshold_for_sensitivity(val_y, val_p, cfg.target_sensitivity)
@@ -293,11 +317,21 @@ def train_model(
                                              ("val_specificity", val_metrics["specificity"]))
                  if v is not None},
         extra={"config": {k2: str(v) for k2, v in cfg.public().items()},
-               "best_epoch": best["epoch"], "cutoff_stage": k,
+               "best_epoch": history[-1].get("best_epoch") if history else None,
+               "cutoff_stage": k,
                "train": describe(train), "validation": describe(val)},
     ))
     return TrainResult(model=model.cpu(), meta=meta, history=history, val_metrics=val_metrics,
                        val_scores=val_p, timings=timings)
 
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingError", "load_squares", "train_model"]
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "TrainingError",
+    "extract",
+    "feature_cache",
+    "fit_on_features",
+    "load_squares",
+    "train_model",
+]
