@@ -142,8 +142,10 @@ def _classification_group(
     model: ModelInfo,
     probability: float,
     headers: Sequence[Dataset],
-    with_call: bool,
+    call: bool | None,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """A TID 1501 group: probability, and where ``call`` is given the threshold and the
+    present/absent evaluation."""
     measurements = [
         hd.sr.Measurement(
             name=PROBABILITY, value=float(probability), unit=PROBABILITY_UNIT,
@@ -151,13 +153,13 @@ def _classification_group(
         ),
     ]
     evaluations = []
-    if with_call:
+    if call is not None:
         measurements.append(
             hd.sr.Measurement(name=OPERATING_POINT, value=float(model.threshold),
                               unit=PROBABILITY_UNIT)
         )
         evaluations.append(hd.sr.QualitativeEvaluation(
-            name=COVID19, value=PRESENT if probability >= model.threshold else ABSENT,
+            name=COVID19, value=PRESENT if call else ABSENT,
         ))
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=label),
@@ -221,20 +223,20 @@ def build_sr(result: AnalysisResult, institution_name: str | None = None) -> Dat
     groups = [
         _classification_group(
             identity.uid_from("tracking", sop_uid, "study"), STUDY_GROUP_ID, result.model,
-            result.study_probability, headers, with_call=True,
+            result.study_probability, headers, call=result.positive,
         )
     ]
     if len(headers) > 1:
         groups.extend(
             _classification_group(
                 identity.uid_from("tracking", sop_uid, str(h.SOPInstanceUID)),
-                IMAGE_GROUP_ID, result.model, s.probability, [h], with_call=False,
+                IMAGE_GROUP_ID, result.model, s.probability, [h], call=None,
             )
             for s, h in zip(result.scored, headers, strict=True)
         )
     sr = _document(identity.SR, headers, result.model, groups, result.predecessor,
                    institution_name, SR_SERIES_DESCRIPTION)
-    # Keep the document's call consistent with the worker's, whatever rounding did.
+    # The worker's call is authoritative; a disagreement with the threshold is worth a line.
     if result.positive != (result.study_probability >= result.model.threshold):
         log.warning("study %s: call and probability disagree at threshold %s",
                     sr.StudyInstanceUID, result.model.threshold)
