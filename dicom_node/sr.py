@@ -149,7 +149,6 @@ def _classification_group(
     measurements = [
         hd.sr.Measurement(
             name=PROBABILITY, value=float(probability), unit=PROBABILITY_UNIT,
-            algorithm_id=_algorithm(model),
         ),
     ]
     evaluations = []
