@@ -36,10 +36,12 @@ def db(wsettings: Settings) -> Iterator[Database]:
 
 def _counts(db: Database, study_id: int) -> tuple[int, int, int]:
     with db.session() as s:
-        a = s.scalar(select(func.count()).select_from(Analysis).where(Analysis.study_id == study_id))
+        a = s.scalar(select(func.count()).select_from(Analysis)
+                     .where(Analysis.study_id == study_id))
         p = s.scalar(select(func.count()).select_from(Prediction).join(Analysis)
                      .where(Analysis.study_id == study_id))
-        d = s.scalar(select(func.count()).select_from(Delivery).where(Delivery.study_id == study_id))
+        d = s.scalar(select(func.count()).select_from(Delivery)
+                     .where(Delivery.study_id == study_id))
         return int(a or 0), int(p or 0), int(d or 0)
 
 

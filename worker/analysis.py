@@ -231,7 +231,8 @@ def select_images(refs: tuple[InstanceRef, ...], headers: list[Any],
     """Apply ``settings.selection_rules``: which instances are scored, and why not."""
     from dicom_node.selection import select_instances
 
-    results = [ImageResult(ref, scored=False, header=h) for ref, h in zip(refs, headers)]
+    results = [ImageResult(ref, scored=False, header=h)
+               for ref, h in zip(refs, headers, strict=True)]
     readable = [i for i, h in enumerate(headers) if h is not None]
     for i, h in enumerate(headers):
         if h is None:

@@ -41,7 +41,7 @@ def build_app(s: Settings) -> Celery:
 app: Celery = build_app(settings)
 
 
-@setup_logging.connect
+@setup_logging.connect  # type: ignore[untyped-decorator]
 def _configure_logging(**_: object) -> None:
     """One line per event on stderr at ``settings.log_level``, for our loggers and
     Celery's alike (Celery skips its own set-up when this signal has a receiver)."""

@@ -137,7 +137,7 @@ def store_file(path: Path, destination: Destination, calling_ae: str,
 
 def _claim(db: Database, delivery_id: int, now: datetime) -> Delivery | None:
     with db.session() as s:
-        claimed = s.execute(
+        claimed = s.execute(  # type: ignore[attr-defined]
             update(Delivery)
             .where(Delivery.id == delivery_id, Delivery.state == DeliveryState.PENDING,
                    Delivery.next_attempt_at <= now + EARLY_SLACK)

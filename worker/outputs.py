@@ -113,7 +113,7 @@ def write_outputs(
         path = write_dataset(sr, folder)
         return [OutputFile("sr", str(sr.SOPInstanceUID), path)], str(sr.SOPInstanceUID)
     scored = [
-        ScoredImage(source=i.header, probability=float(i.probability),  # type: ignore[arg-type]
+        ScoredImage(source=i.header, probability=float(i.probability),
                     heatmap=i.heatmap, image01=i.image)  # type: ignore[arg-type]
         for i in result.images if i.scored and i.probability is not None
     ]

@@ -56,11 +56,13 @@ def _retry_countdown(retries: int) -> float:
     return float(min(2 ** retries * 2, 300))
 
 
-@app.task(name=ANALYSE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True,
-          max_retries=None)
+@app.task(  # type: ignore[untyped-decorator]
+    name=ANALYSE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True,
+    max_retries=None)
 def analyse_study(self: Task, study_id: int, generation: int) -> dict[str, Any]:
     """Analyse one study generation; see worker.analysis."""
-    from worker.analysis import analyse_study as run, mark_failed
+    from worker.analysis import analyse_study as run
+    from worker.analysis import mark_failed
     from worker.delivery import publish
 
     rt = runtime()
@@ -85,8 +87,9 @@ def analyse_study(self: Task, study_id: int, generation: int) -> dict[str, Any]:
             "analysis_id": outcome.analysis_id, "deliveries": list(outcome.delivery_ids)}
 
 
-@app.task(name=DELIVER_TASK, bind=True, acks_late=True, reject_on_worker_lost=True,
-          max_retries=None)
+@app.task(  # type: ignore[untyped-decorator]
+    name=DELIVER_TASK, bind=True, acks_late=True, reject_on_worker_lost=True,
+    max_retries=None)
 def deliver(self: Task, delivery_id: int) -> dict[str, Any]:
     """Send one outbox row; failures come back with a countdown until the deadline."""
     from worker.delivery import deliver as run
@@ -103,7 +106,8 @@ def deliver(self: Task, delivery_id: int) -> dict[str, Any]:
     return {"delivery_id": delivery_id, "status": outcome.status, "reason": outcome.reason}
 
 
-@app.task(name=RECONCILE_TASK, acks_late=True)
+@app.task(  # type: ignore[untyped-decorator]
+    name=RECONCILE_TASK, acks_late=True)
 def reconcile() -> dict[str, Any]:
     """One reconciler pass (run by Celery beat; see worker.beat)."""
     from worker.reconciler import reconcile_once, summary
