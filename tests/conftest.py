@@ -96,4 +96,4 @@ def orthanc_factory(tmp_path: Path):  # type: ignore[no-untyped-def]
 
     yield start
     for o in started:
-        o.stop()
+        o.stop(graceful=False)

@@ -125,7 +125,11 @@ class Orthanc:
                 time.sleep(0.2)
         raise RuntimeError("Orthanc did not start within 60 s")
 
-    def stop(self) -> None:
+    def stop(self, graceful: bool = True) -> None:
+        """Stop the server; ``graceful=False`` kills it (teardown of throwaway storage)."""
+        if self.process and self.process.poll() is None and not graceful:
+            self.process.kill()
+            self.process.wait()
         if self.process and self.process.poll() is None:
             self.process.terminate()
             try:
