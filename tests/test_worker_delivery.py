@@ -148,3 +148,15 @@ def test_pacs_down_while_worker_delivers(make_settings, sqlite_url: str, orthanc
                         for i in found)
     assert len(found) == 2 and "SR" in modalities
     db.dispose()
+
+
+def test_missing_outbox_file_fails_at_once_with_its_reason(db: Database, settings: Settings,
+                                                           tmp_path: Path) -> None:
+    settings = settings.replace(pacs=f"PACS@127.0.0.1:{free_port()}")
+    delivery_id, _ = _outbox_row(db, settings, tmp_path)
+    Path(_row(db, delivery_id).path).unlink()
+    outcome = deliver(db, settings, delivery_id)
+    assert outcome.status == "failed"
+    row = _row(db, delivery_id)
+    assert row.state == DeliveryState.FAILED and row.attempts == 1
+    assert row.reason is not None and "outbox file missing" in row.reason

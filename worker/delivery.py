@@ -25,6 +25,8 @@ from db.broker import DELIVER_TASK
 from db.models import Delivery, DeliveryState, Study, as_utc, utcnow
 from db.session import Database
 from db.settings import Destination, Settings
+from dicom_node.errors import BadInputError
+from dicom_node.sender import send_file
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ class SendResult:
     ok: bool
     status: str | None
     reason: str | None
+    permanent: bool = False  # retrying cannot help (our outbox file is unusable)
 
 
 @dataclass(frozen=True)
@@ -95,44 +98,15 @@ def backoff_seconds(settings: Settings, attempts: int) -> float:
 
 
 def send(path: Path, destination: Destination, calling_ae: str) -> SendResult:
-    """One C-STORE of one file, through ``dicom_node.sender`` where it exists."""
+    """One C-STORE of one file.  Warning statuses count as stored (see dicom_node.sender)."""
+    if not path.is_file():
+        return SendResult(False, None, f"outbox file missing: {path}", permanent=True)
     try:
-        from dicom_node.sender import send_file
-    except ImportError:  # the sender module has not landed in this tree: see store_file
-        return store_file(path, destination, calling_ae)
-    outcome = send_file(path, destination, calling_ae)
-    ok = bool(getattr(outcome, "ok", False))
-    status = getattr(outcome, "status", None)
-    reason = getattr(outcome, "reason", None) or getattr(outcome, "message", None)
-    return SendResult(ok, None if status is None else str(status),
-                      None if reason is None else str(reason))
-
-
-def store_file(path: Path, destination: Destination, calling_ae: str,
-               timeout: float = 30.0) -> SendResult:
-    """A plain pynetdicom C-STORE: success and warning statuses (0x0000, 0xB000-0xBFFF)
-    count as delivered; a refused association or a failure status does not."""
-    import pydicom
-    from pynetdicom import AE
-
-    ds = pydicom.dcmread(path)
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.add_requested_context(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
-    if not assoc.is_established:
-        return SendResult(False, None, f"association with {destination} refused or failed")
-    try:
-        status = assoc.send_c_store(ds)
-    finally:
-        assoc.release()
-    code = int(status.Status) if status and "Status" in status else None
-    if code is None:
-        return SendResult(False, None, f"no C-STORE response from {destination}")
-    text = f"0x{code:04X}"
-    if code == 0x0000 or 0xB000 <= code <= 0xBFFF:
-        return SendResult(True, text, None)
-    return SendResult(False, text, f"{destination} answered C-STORE status {text}")
+        outcome = send_file(path, destination, calling_ae)
+    except BadInputError as exc:
+        return SendResult(False, None, f"outbox file unreadable: {exc}", permanent=True)
+    status = None if outcome.status is None else f"0x{outcome.status:04X}"
+    return SendResult(outcome.ok, status, None if outcome.ok else outcome.reason)
 
 
 def _claim(db: Database, delivery_id: int, now: datetime) -> Delivery | None:
@@ -161,12 +135,7 @@ def deliver(db: Database, settings: Settings, delivery_id: int,
     deadline = as_utc(row.deadline_at)
     assert deadline is not None
     dest = Destination.parse(row.destination)
-    try:
-        result = send(Path(row.path), dest, settings.delivery_ae_title)
-    except FileNotFoundError as exc:
-        result = SendResult(False, None, f"outbox file missing: {exc}")
-    except Exception as exc:  # the sender's contract is an outcome; anything else is ours
-        result = SendResult(False, None, f"{type(exc).__name__}: {exc}")
+    result = send(Path(row.path), dest, settings.delivery_ae_title)
     done_at = now + (utcnow() - started)  # the caller's clock, advanced by the send
     with db.session() as s:
         current = s.get(Delivery, delivery_id, with_for_update=True)
@@ -182,9 +151,10 @@ def deliver(db: Database, settings: Settings, delivery_id: int,
                      result.status, current.attempts)
             return DeliveryOutcome(delivery_id, "delivered")
         current.reason = result.reason or "send failed"
-        if done_at >= deadline:
+        if result.permanent or done_at >= deadline:
             current.state = DeliveryState.FAILED
-            current.reason = (f"deadline passed after {current.attempts} attempts; "
+            current.reason = (result.reason if result.permanent else
+                              f"deadline passed after {current.attempts} attempts; "
                               f"last error: {result.reason}")
             log.error("delivery failed sop_uid=%s destination=%s reason=%s",
                       current.sop_instance_uid, current.destination, current.reason)
