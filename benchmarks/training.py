@@ -47,6 +47,7 @@ from trainer.train import (  # noqa: E402
     extract,
     feature_cache,
     fit_on_features,
+    sample_weights,
     seed_everything,
 )
 
@@ -72,7 +73,8 @@ def cmd_cv(args: argparse.Namespace) -> dict[str, Any]:
         records = records[: args.limit]
     cfg = TrainConfig(input_size=args.size, contrast=args.contrast, cutoff=args.cutoff,
                       views=args.views, head_epochs=args.head_epochs, epochs=args.epochs,
-                      device="cpu", lr_body=args.lr_body, lr_head=args.lr_head)
+                      device="cpu", lr_body=args.lr_body, lr_head=args.lr_head,
+                      balance=args.balance)
     seed_everything(cfg.seed)
     arch = cfg.architecture
     model = build_model(arch, pretrained=True)
@@ -95,13 +97,16 @@ def cmd_cv(args: argparse.Namespace) -> dict[str, Any]:
         te, va = folds == f, folds == (f + 1) % args.folds
         tr = ~(te | va)
         model.load_state_dict(init)
-        fit_on_features(model, arch, k, suffix, feats[tr], torch.tensor(y[tr], dtype=torch.float32),
-                        feats[va][:, :1], y[va], cfg, torch.device("cpu"))
+        weights = sample_weights([records[i] for i in np.flatnonzero(tr)], cfg.balance)
+        fit_on_features(model, arch, k, suffix, feats[tr],
+                        torch.tensor(y[tr], dtype=torch.float32), feats[va][:, :1], y[va],
+                        cfg, torch.device("cpu"), weights)
         oof[te] = _predict(suffix, feats[te][:, 0], torch.device("cpu"))
     ev = evaluate_scores(y, oof, 0.5, groups=[r.source for r in records])
     return {"cmd": "cv", "size": cfg.input_size, "contrast": cfg.contrast, "cutoff": cfg.cutoff,
             "views": cfg.views, "head_epochs": cfg.head_epochs, "epochs": cfg.epochs,
-            "lr_body": cfg.lr_body, "folds": args.folds, "features_s": round(t_feat, 1),
+            "lr_body": cfg.lr_body, "balance": cfg.balance, "folds": args.folds,
+            "features_s": round(t_feat, 1),
             "train_s": round(time.perf_counter() - t1, 1), **_brief(ev)}
 
 
@@ -176,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     cv.add_argument("--lr-body", type=float, default=2e-4)
     cv.add_argument("--lr-head", type=float, default=1e-3)
     cv.add_argument("--folds", type=int, default=5)
+    cv.add_argument("--balance", default="class", choices=["class", "source_class"])
     cv.add_argument("--limit", type=int, default=0)
     cv.add_argument("--cache", default="/tmp/cxr-bench-cache")
     for name in ("bootstrap", "nightly"):

@@ -78,6 +78,9 @@ class TrainConfig:
     target_sensitivity: float = 0.98
     device: str = "auto"
     feature_batch: int = 32
+    # "class": positives weighted by negatives/positives; "source_class": every
+    # (source, class) cell weighs the same, so recognising the source pays less
+    balance: str = "class"
     augmentation: Augmentation = field(default_factory=Augmentation)
 
     @classmethod
@@ -165,7 +168,7 @@ def _run_stage(
     name: str, model: nn.Module, suffix: nn.Module, arch: str, frozen: int, lr: float,
     epochs: int, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
     val_y: np.ndarray, cfg: TrainConfig, device: torch.device, history: list[dict[str, Any]],
-    best: dict[str, Any],
+    best: dict[str, Any], train_w: torch.Tensor | None = None,
 ) -> None:
     """One training stage; updates ``best`` (score, state, epoch) in place."""
     freeze_until(model, arch, frozen)
@@ -174,7 +177,8 @@ def _run_stage(
     n_pos = float(train_y.sum())
     n_neg = float(train_y.numel() - n_pos)
     pos_weight = torch.tensor(n_neg / max(n_pos, 1.0), device=device)
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=None if train_w is not None else pos_weight,
+                                   reduction="none")
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     gen = torch.Generator().manual_seed(cfg.seed + len(history))
     n, views = train_x.shape[0], train_x.shape[1]
@@ -194,7 +198,8 @@ def _run_stage(
             y = train_y[idx].to(device)
             opt.zero_grad(set_to_none=True)
             with _autocast(device):
-                loss = loss_fn(suffix(x).view(-1).float(), y)
+                per = loss_fn(suffix(x).view(-1).float(), y)
+                loss = (per * train_w[idx].to(device)).mean() if train_w is not None else per.mean()
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
@@ -232,10 +237,25 @@ def feature_cache(model: nn.Module, arch: str, k: int, meta: ModelMeta, cfg: Tra
     return FeatureCache(cache_root, digest)
 
 
+def sample_weights(records: Sequence[ImageRecord], mode: str) -> torch.Tensor | None:
+    """Per-image loss weights for ``balance="source_class"`` (mean 1); None for "class"."""
+    if mode == "class":
+        return None
+    if mode != "source_class":
+        raise ValueError(f"balance {mode!r} must be class or source_class")
+    cells: dict[tuple[str, int], int] = {}
+    for r in records:
+        cells[(r.source, r.label)] = cells.get((r.source, r.label), 0) + 1
+    n, c = len(records), len(cells)
+    return torch.tensor([n / (c * cells[(r.source, r.label)]) for r in records],
+                        dtype=torch.float32)
+
+
 def fit_on_features(model: nn.Module, arch: str, k: int, suffix: nn.Module,
                     train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
                     val_y: np.ndarray, cfg: TrainConfig,
-                    device: torch.device) -> list[dict[str, Any]]:
+                    device: torch.device,
+                    train_w: torch.Tensor | None = None) -> list[dict[str, Any]]:
     """Staged training of the stages after the cutoff on cached features.
 
     Leaves ``model`` at the epoch with the best validation AUC, in eval mode and frozen.
@@ -245,11 +265,11 @@ def fit_on_features(model: nn.Module, arch: str, k: int, suffix: nn.Module,
     head_stage = len(stage_names(model, arch)) - 1
     if cfg.head_epochs > 0 and head_stage > k:
         _run_stage("head", model, suffix, arch, head_stage, cfg.lr_head, cfg.head_epochs,
-                   train_x, train_y, val_x, val_y, cfg, device, history, best)
+                   train_x, train_y, val_x, val_y, cfg, device, history, best, train_w)
     if cfg.epochs > 0:
         _run_stage("unfrozen", model, suffix, arch, k,
                    cfg.lr_body if head_stage > k else cfg.lr_head, cfg.epochs,
-                   train_x, train_y, val_x, val_y, cfg, device, history, best)
+                   train_x, train_y, val_x, val_y, cfg, device, history, best, train_w)
     if best["state"] is not None:
         model.load_state_dict(best["state"])
     model.eval()
@@ -300,7 +320,7 @@ def train_model(
     val_y = np.array([r.label for r in val], dtype=np.int64)
     t1 = time.perf_counter()
     history = fit_on_features(model, arch, k, suffix, train_x, train_y, val_x, val_y, cfg,
-                              device)
+                              device, sample_weights(train, cfg.balance))
     timings["train_s"] = time.perf_counter() - t1
     val_p = _predict(suffix, val_x[:, 0], device)
     if val_y.any():
@@ -333,5 +353,6 @@ __all__ = [
     "feature_cache",
     "fit_on_features",
     "load_squares",
+    "sample_weights",
     "train_model",
 ]
