@@ -17,6 +17,7 @@ torchvision backbones (no download here); speed does not depend on their values.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import statistics
@@ -83,6 +84,28 @@ def rate(fn: Callable[[], object], images_per_call: int, device: torch.device,
     return images_per_call / med, med
 
 
+def interleaved(calls: dict[str, Callable[[], object]], images: int, device: torch.device,
+                seconds: float) -> dict[str, float]:
+    """images/s per call, from medians over rounds that run every call once in turn.
+
+    Interleaving spreads the other load on a shared machine evenly over the variants,
+    so their ratio means something even when the absolute numbers drift.
+    """
+    for fn in calls.values():
+        fn()
+        fn()
+    sync(device)
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds * len(calls) or len(times[next(iter(calls))]) < 5:
+        for key, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[key].append(time.perf_counter() - t0)
+    return {k: images / statistics.median(v) for k, v in times.items()}
+
+
 def bench_backbone(name: str, args: argparse.Namespace, device: torch.device,
                    files: list[Path], pool: ThreadPoolExecutor) -> dict[str, float]:
     out: dict[str, float] = {}
@@ -90,8 +113,15 @@ def bench_backbone(name: str, args: argparse.Namespace, device: torch.device,
     meta = ModelMeta(architecture=name, input_size=size,
                      preprocessing=Preprocessing.for_backbone(name), threshold=0.5)
     torch.manual_seed(0)
-    model = build_model(name, pretrained=(name == "efficientnet_lite0")).eval().to(device)
+    base = build_model(name, pretrained=(name == "efficientnet_lite0")).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        digest = save_checkpoint(Path(tmp) / "m.pt", base, meta)
+        loaded = load_checkpoint(Path(tmp) / "m.pt", digest, device=device)
+        bare_model = load_checkpoint(Path(tmp) / "m.pt", digest, device=device).model
+    scorer = Scorer(loaded, device)
+    bare_cl = copy.deepcopy(bare_model).to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, size, size, device=device)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
 
     def bare(m: torch.nn.Module, inp: torch.Tensor) -> Callable[[], object]:
         def call() -> object:
@@ -99,31 +129,14 @@ def bench_backbone(name: str, args: argparse.Namespace, device: torch.device,
                 return m(inp)
         return call
 
-    out["bare_eager"], _ = rate(bare(model, x), batch, device, args.seconds)
-    model_cl = model.to(memory_format=torch.channels_last)
-    x_cl = x.contiguous(memory_format=torch.channels_last)
-    out["bare_channels_last"], _ = rate(bare(model_cl, x_cl), batch, device, args.seconds)
-    model.to(memory_format=torch.contiguous_format)
-    if args.compile:
-        compiled = torch.compile(model)
-        out["bare_compiled"], _ = rate(bare(compiled, x), batch, device, args.seconds, warmup=3)
+    def decode_batch() -> list[np.ndarray]:
+        return list(map(load_image_file, files))
 
-    with tempfile.TemporaryDirectory() as tmp:
-        digest = save_checkpoint(Path(tmp) / "m.pt", model.cpu(), meta)
-        loaded = load_checkpoint(Path(tmp) / "m.pt", digest, device=device)
-    scorer = Scorer(loaded, device)
-
-    # Serial: decode, then predict.
     def serial() -> object:
-        return scorer.predict([load_image_file(p) for p in files])
-
-    out["path_serial"], _ = rate(serial, batch, device, args.seconds)
+        return scorer.predict(decode_batch())
 
     # Pipelined: the pool decodes batch i+1 while the model scores batch i.
     pending: list[Future[list[np.ndarray]]] = []
-
-    def decode_batch() -> list[np.ndarray]:
-        return list(map(load_image_file, files))
 
     def pipelined() -> object:
         if not pending:
@@ -132,7 +145,15 @@ def bench_backbone(name: str, args: argparse.Namespace, device: torch.device,
         pending.append(pool.submit(decode_batch))
         return scorer.predict(images)
 
-    out["path_pipelined"], _ = rate(pipelined, batch, device, args.seconds)
+    calls: dict[str, Callable[[], object]] = {
+        "bare_eager": bare(bare_model, x),
+        "bare_channels_last": bare(bare_cl, x_cl),
+        "path_serial": serial,
+        "path_pipelined": pipelined,
+    }
+    if args.compile:
+        calls["bare_compiled"] = bare(torch.compile(bare_model), x)
+    out.update(interleaved(calls, batch, device, args.seconds))
     if pending:
         pending.pop().result()
 
@@ -210,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=5.0, help="time per measurement")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
     ap.add_argument("--decode-workers", type=int, default=2)
+    ap.add_argument("--cv2-threads", type=int, default=-1, help="OpenCV threads (-1: default)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile")
     ap.add_argument("--occlusion-size", type=int, default=32)
     ap.add_argument("--occlusion-stride", type=int, default=16)
@@ -218,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cv2_threads >= 0:
+        import cv2
+
+        cv2.setNumThreads(args.cv2_threads)
     device = resolve_device(args.device)
     files = chest_files(args.batch)
     results: dict[str, dict[str, float]] = {}
