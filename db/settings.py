@@ -50,9 +50,15 @@ class Destination:
 
 DEFAULT_SELECTION_RULES: tuple[dict[str, Any], ...] = (
     # Each rule scores an instance when every listed attribute matches one of its values.
-    # "ViewPosition": [""] matches an absent or empty ViewPosition, which is accepted only
-    # where the study holds a single image ("single_image_only").
-    {"name": "frontal CR/DX", "Modality": ["CR", "DX"], "ViewPosition": ["PA", "AP"]},
+    # "" matches an absent or empty attribute.  "single_image_only" accepts the rule only
+    # where the study holds a single image, so an unlabelled lateral view in a two-view
+    # study is never scored by guesswork.
+    {
+        "name": "frontal CR/DX",
+        "Modality": ["CR", "DX"],
+        "ViewPosition": ["PA", "AP"],
+        "BodyPartExamined": ["CHEST", "THORAX", ""],
+    },
     {
         "name": "CR/DX without view on a single-image study",
         "Modality": ["CR", "DX"],
@@ -61,10 +67,17 @@ DEFAULT_SELECTION_RULES: tuple[dict[str, Any], ...] = (
         "single_image_only": True,
     },
     {
-        "name": "chest secondary capture",
-        "Modality": ["OT", "SC", "CR", "DX"],
+        "name": "frontal chest secondary capture",
+        "Modality": ["OT", "SC"],
         "BodyPartExamined": ["CHEST", "THORAX"],
-        "ViewPosition": ["PA", "AP", ""],
+        "ViewPosition": ["PA", "AP"],
+    },
+    {
+        "name": "chest secondary capture without view on a single-image study",
+        "Modality": ["OT", "SC"],
+        "BodyPartExamined": ["CHEST", "THORAX"],
+        "ViewPosition": [""],
+        "single_image_only": True,
     },
 )
 

@@ -70,8 +70,20 @@ def test_non_chest_and_non_image_objects() -> None:
 
 
 def test_chest_secondary_capture_is_scored() -> None:
-    out = verdicts([header("OT", "", "CHEST", SC), header("OT", "", "chest", SC)])
+    assert verdicts([header("OT", "", "chest", SC)]) == [(True, None)]
+    out = verdicts([header("OT", "PA", "CHEST", SC), header("OT", "AP", "chest", SC)])
     assert out == [(True, None), (True, None)]
+
+
+def test_viewless_images_in_a_multi_image_study_are_not_guessed() -> None:
+    """Without ViewPosition, one of two chest images may be the lateral: skip, with a reason."""
+    out = verdicts([header("OT", "", "CHEST", SC), header("DX", "", "CHEST", SC)])
+    assert [scored for scored, _ in out] == [False, False]
+    assert all(reason for _, reason in out)
+
+
+def test_frontal_view_of_another_body_part_is_not_scored() -> None:
+    assert verdicts([header("DX", "PA", "HAND")])[0][0] is False
 
 
 def test_rules_are_data_from_settings() -> None:
