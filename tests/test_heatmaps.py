@@ -83,6 +83,19 @@ def test_gradcam_batch_matches_single(trained: LoadedModel) -> None:
     np.testing.assert_allclose(maps[0], heatmaps.gradcam(trained, a, device="cpu"), atol=1e-4)
 
 
+def test_gradcam_probabilities_match_the_scorer(trained: LoadedModel) -> None:
+    """The worker takes its probabilities from the Grad-CAM pass: they must be the scorer's."""
+    from trainer.scoring import Scorer
+
+    imgs = [positive(64), synthetic_image(False, np.random.default_rng(5), 64)]
+    maps, probs = heatmaps.gradcam_and_probabilities(trained, imgs, device="cpu")
+    expected = np.asarray(Scorer(trained, device="cpu").predict(imgs)).reshape(-1)
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    assert probs[0] > 0.5 > probs[1]
+    np.testing.assert_allclose(maps[0], heatmaps.gradcam(trained, imgs[0], device="cpu"),
+                               atol=1e-5)
+
+
 def test_compute_follows_settings_and_writes_file(trained: LoadedModel, make_settings) -> None:  # type: ignore[no-untyped-def]
     img = positive(64)
     s: Settings = make_settings(heatmap_method="occlusion", occlusion_size=16,

@@ -52,6 +52,18 @@ def gradcam_batch(
     loaded: LoadedModel, images01: list[np.ndarray], device: str | torch.device | None = None
 ) -> list[np.ndarray]:
     """Grad-CAM for each image (float32 in [0, 1], source resolution)."""
+    return gradcam_and_probabilities(loaded, images01, device)[0]
+
+
+def gradcam_and_probabilities(
+    loaded: LoadedModel, images01: list[np.ndarray], device: str | torch.device | None = None
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Grad-CAM maps and the model's probabilities from the same forward pass.
+
+    The worker scores and explains a study with one forward and one backward pass instead
+    of a scoring pass followed by a Grad-CAM pass.  The forward runs in float32 without
+    autocast, so on CUDA the probability may differ from the autocast scorer's in the
+    third decimal; on the CPU the two agree to float precision (tested)."""
     dev = _device(loaded, device)
     model, meta = loaded.model, loaded.meta
     x, boxes = prepare_batch(images01, meta, dev)
@@ -73,9 +85,10 @@ def gradcam_batch(
             cam = F.relu((weights * act.float()).sum(dim=1, keepdim=True))
             cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
             maps = cam[:, 0].detach().cpu().numpy()
+            probs = torch.sigmoid(logits.detach().float()).cpu().numpy().astype(np.float64)
     finally:
         handle.remove()
-    return [_to_source(_unit(m), box) for m, box in zip(maps, boxes, strict=True)]
+    return [_to_source(_unit(m), box) for m, box in zip(maps, boxes, strict=True)], probs
 
 
 def gradcam(

@@ -270,7 +270,8 @@ def load_pixels(images: list[ImageResult]) -> None:
 
 def score_images(images: list[ImageResult], model: LoadedProductionModel,
                  settings: Settings, study_uid: str) -> None:
-    """One forward pass for every scored image of the study, then one heatmap each.
+    """One forward pass for every scored image of the study, and one heatmap each (for
+    Grad-CAM, from that same forward pass).
 
     CUDA out-of-memory surfaces from the scorer as TransientError (retried)."""
     from trainer.heatmaps import save_heatmap
@@ -278,19 +279,25 @@ def score_images(images: list[ImageResult], model: LoadedProductionModel,
     scored = [img for img in images if img.scored and img.image is not None]
     if not scored:
         return
+    pixels = [img.image for img in scored]
     t0 = time.perf_counter()
-    probs = np.asarray(model.scorer.predict([img.image for img in scored]),
-                       dtype=np.float64).reshape(-1)
-    forward_s = time.perf_counter() - t0
-    for img, p in zip(scored, probs, strict=True):
+    if settings.heatmap_method == "gradcam":
+        # One forward + backward gives both the probabilities and the maps.
+        from trainer.heatmaps import gradcam_and_probabilities
+
+        maps, probs = gradcam_and_probabilities(model.loaded, pixels, model.device)  # type: ignore[arg-type]
+        forward_s, heatmap_s = 0.0, time.perf_counter() - t0
+    else:
+        probs = np.asarray(model.scorer.predict(pixels), dtype=np.float64).reshape(-1)
+        forward_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        maps = compute_heatmaps(pixels, model, settings)  # type: ignore[arg-type]
+        heatmap_s = time.perf_counter() - t1
+    for img, p, heat in zip(scored, probs, maps, strict=True):
         img.probability = float(p)
         img.timings["forward_s"] = forward_s / len(scored)
-    t1 = time.perf_counter()
-    maps = compute_heatmaps([img.image for img in scored], model, settings)  # type: ignore[misc]
-    per_image = (time.perf_counter() - t1) / len(scored)
-    for img, heat in zip(scored, maps, strict=True):
+        img.timings["heatmap_s"] = heatmap_s / len(scored)
         img.heatmap = heat
-        img.timings["heatmap_s"] = per_image
         img.heatmap_path = save_heatmap(heat, settings, study_uid,
                                         img.instance.sop_instance_uid)
 
