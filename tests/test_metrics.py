@@ -1,78 +1,105 @@
-"""Evaluation maths against hand-computed values and sklearn."""
+"""Prometheus endpoint: event counters and the database collector, scraped over HTTP."""
 
 from __future__ import annotations
 
-import math
+import urllib.request
 
-import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
-from trainer.metrics import (
-    confusion,
-    delong_ci,
-    delong_paired,
-    evaluate_scores,
-    operating_point,
-    reliability_curve,
-    roc_auc,
-    threshold_for_sensitivity,
-    wilson,
-)
+from db.session import Database
+from db.settings import Settings
+from tests.support.ops_populate import populate
+from tests.support.services import redis_reachable
+from worker import metrics
+from worker.health import check_health
 
 
-def test_wilson_matches_known_values() -> None:
-    p, lo, hi = wilson(8, 10)
-    assert p == 0.8
-    assert lo == pytest.approx(0.4902, abs=1e-3) and hi == pytest.approx(0.9433, abs=1e-3)
-    assert wilson(0, 0) == (None, None, None)
-    assert wilson(0, 5)[1] == 0.0
+def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
 
 
-def test_auc_and_delong_against_sklearn() -> None:
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, 300)
-    p = np.round(rng.normal(y * 1.0, 1.0), 1)  # ties on purpose
-    auc, ci = delong_ci(y, p)
-    assert auc == pytest.approx(roc_auc_score(y, p), abs=1e-12)
-    assert ci is not None and ci[0] < auc < ci[1]
-    assert 0.05 < ci[1] - ci[0] < 0.2
-    assert roc_auc([1, 1], [0.2, 0.3]) is None
+def test_database_collector_exports_states_model_and_positive_rate(settings: Settings) -> None:
+    db = Database(settings)
+    pop = populate(db, settings.data_dir)
+    registry = CollectorRegistry()
+    server = metrics.start_metrics_server(0, addr="127.0.0.1", db=db, registry=registry)
+    try:
+        got = _scrape(server.port)
+    finally:
+        server.stop()
+        db.dispose()
+    assert got[("cxr_database_up", ())] == 1.0
+    assert got[("cxr_studies", (("state", "done"),))] == 1.0
+    assert got[("cxr_studies", (("state", "queued"),))] == 1.0
+    assert got[("cxr_studies", (("state", "receiving"),))] == 0.0
+    assert got[("cxr_deliveries", (("state", "failed"),))] == 1.0
+    assert got[("cxr_production_model_info", (("version", pop.model_version),))] == 1.0
+    assert got[("cxr_positive_rate", (("model_version", pop.model_version),))] == 1.0
+    assert got[("cxr_scored_studies", (("model_version", pop.model_version),))] == 1.0
+    assert got[("cxr_oldest_waiting_study_seconds", ())] > 1700
 
 
-def test_delong_paired_sees_a_real_difference() -> None:
-    rng = np.random.default_rng(1)
-    y = rng.integers(0, 2, 400)
-    good = rng.normal(y * 2.0, 1.0)
-    bad = rng.normal(y * 0.2, 1.0)
-    d = delong_paired(y, good, bad)
-    assert d["diff"] is not None and d["diff"] < -0.2
-    assert d["p_value"] is not None and d["p_value"] < 1e-6
+def test_event_counters_and_histograms_are_served() -> None:
+    before = metrics.INSTANCES_REJECTED.labels(reason="sop_class")._value.get()
+    metrics.instance_received("DX")
+    metrics.instance_rejected("sop_class")
+    metrics.instance_rejected("sop_class")
+    metrics.observe_queue_wait(3.0)
+    metrics.observe_inference(0.7, "m-test")
+    metrics.prediction_made("m-test", positive=False)
+    metrics.delivery_outcome("sr", "delivered")
+    metrics.delivery_outcome("sc", "retry")
+    server = metrics.start_metrics_server(0, addr="127.0.0.1")
+    try:
+        got = _scrape(server.port)
+    finally:
+        server.stop()
+    assert got[("cxr_instances_rejected_total", (("reason", "sop_class"),))] == before + 2
+    assert got[("cxr_instances_received_total", (("modality", "DX"),))] >= 1
+    assert got[("cxr_queue_wait_seconds_count", ())] >= 1
+    assert got[("cxr_inference_seconds_bucket", (("le", "1.0"), ("model_version", "m-test")))] >= 1
+    assert got[("cxr_predictions_total", (("call", "negative"), ("model_version", "m-test")))] >= 1
+    assert got[("cxr_delivery_attempts_total", (("kind", "sc"), ("outcome", "retry")))] >= 1
 
 
-def test_threshold_for_sensitivity_reaches_target() -> None:
-    y = np.array([1] * 50 + [0] * 50)
-    p = np.concatenate([np.linspace(0.3, 1.0, 50), np.linspace(0.0, 0.6, 50)])
-    t = threshold_for_sensitivity(y, p, 0.98)
-    c = confusion(y, p, t)
-    assert c.tp / 50 >= 0.98
-    assert confusion(y, p, t + 1e-9).tp / 50 < 0.98  # the highest such threshold
-    with pytest.raises(ValueError):
-        threshold_for_sensitivity([0, 0], [0.1, 0.2], 0.9)
+def test_database_down_is_reported_not_raised(make_settings) -> None:  # type: ignore[no-untyped-def]
+    s = make_settings(database_url="postgresql://postgres@127.0.0.1:1/nothing")
+    registry = CollectorRegistry()
+
+    class Unreachable:
+        def session(self):  # type: ignore[no-untyped-def]
+            from sqlalchemy import create_engine
+            from sqlalchemy.orm import Session
+
+            return Session(create_engine(s.database_url.replace(
+                "postgresql://", "postgresql+psycopg://"))).begin()
+
+    registry.register(metrics.DatabaseCollector(Unreachable()))
+    assert registry.get_sample_value("cxr_database_up") == 0.0
 
 
-def test_operating_point_and_groups() -> None:
-    y = [1, 1, 1, 0, 0, 0, 1, 0]
-    p = [0.9, 0.8, 0.4, 0.7, 0.1, 0.2, 0.6, 0.3]
-    op = operating_point(y, p, 0.5)
-    assert op["confusion"] == {"tp": 3, "fp": 1, "tn": 3, "fn": 1}
-    assert op["sensitivity"] == 0.75 and op["specificity"] == 0.75
-    assert op["f1"] == pytest.approx(0.75)
-    assert op["ppv_ci"][0] < 0.75 < op["ppv_ci"][1]
-    ev = evaluate_scores(y, p, 0.5, groups=["a", "a", "a", "a", "b", "b", "b", "b"])
-    assert set(ev["per_source"]) == {"a", "b"}
-    assert ev["per_source"]["b"]["n"] == 4
-    assert ev["brier"] == pytest.approx(np.mean((np.array(p) - np.array(y)) ** 2))
-    assert len(ev["threshold_table"]) == 9
-    assert sum(b["n"] for b in reliability_curve(y, p)) == 8
-    assert not math.isnan(ev["auc"])
+def test_worker_ports_do_not_collide(make_settings) -> None:  # type: ignore[no-untyped-def]
+    s = make_settings(metrics_port=9400)
+    assert metrics.worker_metrics_port(s, 0) == 9401
+    assert metrics.worker_metrics_port(s, 3) == 9404
+    assert metrics.worker_metrics_port(make_settings(), 0) == 0
+
+
+@pytest.mark.redis
+def test_health_checks_a_real_redis_broker(make_settings) -> None:  # type: ignore[no-untyped-def]
+    if not redis_reachable():
+        pytest.skip("Redis is not reachable at 127.0.0.1:6379")
+    s = make_settings(broker_url="redis://127.0.0.1:6379/0")
+    Database(s).dispose()  # schema at head
+    report = check_health(s)
+    assert report.ok, report.as_dict()
+    bad = check_health(make_settings(broker_url="redis://127.0.0.1:1/0"))
+    assert not bad.ok and not bad.as_dict()["checks"]["broker"]["ok"]

@@ -57,17 +57,19 @@ def _latest_analyses(s: Session, study_ids: list[int]) -> dict[int, Analysis]:
     return {a.study_id: a for a in rows}
 
 
-def _heatmaps(s: Session, analysis_ids: list[int]) -> dict[int, list[str]]:
-    out: dict[int, list[str]] = {}
+def _heatmaps(s: Session, analysis_ids: list[int]) -> dict[int, list[dict[str, Any]]]:
+    out: dict[int, list[dict[str, Any]]] = {}
     if not analysis_ids:
         return out
     rows = s.execute(
-        select(Prediction.analysis_id, Prediction.heatmap_path)
+        select(Prediction.analysis_id, Prediction.id, Prediction.heatmap_path,
+               Prediction.probability)
         .where(Prediction.analysis_id.in_(analysis_ids), Prediction.heatmap_path.is_not(None))
         .order_by(Prediction.id)
     ).all()
-    for aid, path in rows:
-        out.setdefault(aid, []).append(str(path))
+    for aid, pid, path, prob in rows:
+        out.setdefault(aid, []).append(
+            {"prediction_id": pid, "path": str(path), "probability": prob})
     return out
 
 
@@ -239,3 +241,45 @@ def summary(s: Session) -> dict[str, Any]:
 def collect_status(s: Session, query: StatusQuery = StatusQuery()) -> dict[str, Any]:
     """The whole ``status --json`` object: ``{"studies": [...], "summary": {...}}``."""
     return {"studies": list_studies(s, query), "summary": summary(s)}
+
+
+@dataclass
+class Gauges:
+    """Numbers the metrics collector exports, read in one short session."""
+
+    studies_by_state: dict[str, int]
+    deliveries_by_state: dict[str, int]
+    oldest_waiting_seconds: float
+    production_version: str | None
+    calls_by_version: dict[str, tuple[int, int]]  # version -> (scored, positive)
+
+
+def read_gauges(db: Any) -> Gauges:
+    """Current counts for Prometheus; ``db`` is a :class:`db.session.Database`."""
+    from db.models import AnalysisState, DeliveryState
+
+    with db.session() as s:
+        by_state = {state.value: 0 for state in StudyState}
+        for state, n in s.execute(select(Study.state, func.count()).group_by(Study.state)):
+            by_state[str(state)] = int(n)
+        deliveries = {state.value: 0 for state in DeliveryState}
+        for state, n in s.execute(select(Delivery.state, func.count())
+                                  .group_by(Delivery.state)):
+            deliveries[str(state)] = int(n)
+        oldest = s.scalar(select(func.min(Study.received_at))
+                          .where(Study.state.in_([w.value for w in WAITING_STATES])))
+        oldest_aware = as_utc(oldest)
+        wait = (utcnow() - oldest_aware).total_seconds() if oldest_aware else 0.0
+        prod = production_model(s)
+        calls: dict[str, tuple[int, int]] = {}
+        rows = s.execute(
+            select(ModelVersion.version, Analysis.positive, func.count())
+            .join(Analysis, Analysis.model_version_id == ModelVersion.id)
+            .where(Analysis.state == AnalysisState.DONE, Analysis.positive.is_not(None))
+            .group_by(ModelVersion.version, Analysis.positive)
+        ).all()
+        for version, positive, n in rows:
+            total, pos = calls.get(version, (0, 0))
+            calls[version] = (total + int(n), pos + (int(n) if positive else 0))
+        return Gauges(by_state, deliveries, max(0.0, wait),
+                      prod.version if prod is not None else None, calls)

@@ -1,0 +1,337 @@
+"""The operator's read-only web page (stdlib ``http.server``; no CDN, no JavaScript).
+
+Routes: ``/`` the page; ``/api/status`` the ``status --json`` object; ``/healthz`` the
+health report (200 or 503); ``/heatmap/<prediction id>.png`` a thumbnail rendered from the
+stored heatmap (``.npy`` float map or ``.png``); ``/reports/<path>`` PNG plots under
+``settings.reports_dir``; ``/static/<file>`` the stylesheet.  Nothing here writes.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+from db.session import Database
+from db.settings import Settings
+
+log = logging.getLogger(__name__)
+STATIC_DIR = Path(__file__).parent / "web_static"
+THUMBNAIL_PX = 192
+NOT_FOR_DIAGNOSIS = (
+    "Research software for triage support. Not a diagnostic device: every result must be "
+    "read by a qualified radiologist."
+)
+
+
+# ----- images ----------------------------------------------------------------------------
+
+
+def render_heatmap_png(path: Path, size: int = THUMBNAIL_PX) -> bytes:
+    """A colour PNG thumbnail of a stored heatmap (.npy float map, or an existing PNG)."""
+    import numpy as np
+    from PIL import Image
+
+    img: Image.Image
+    if path.suffix.lower() == ".png":
+        img = Image.open(path)
+        img.thumbnail((size, size))
+    else:
+        import matplotlib
+
+        arr = np.load(path, allow_pickle=False).astype(np.float32)
+        arr = np.squeeze(arr)
+        if arr.ndim != 2:
+            raise ValueError(f"heatmap {path.name} has shape {arr.shape}, expected 2-D")
+        arr = np.nan_to_num(arr)
+        lo, hi = float(arr.min()), float(arr.max())
+        norm = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+        rgba = matplotlib.colormaps["inferno"](norm, bytes=True)
+        img = Image.fromarray(np.ascontiguousarray(rgba[..., :3]), mode="RGB")
+        img.thumbnail((size, size))
+        if max(img.size) < size:  # small maps are enlarged for legibility
+            scale = size / max(img.size)
+            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                             Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def report_pngs(report_path: str | None, reports_dir: Path) -> list[Path]:
+    """The PNG plots belonging to a report: the file itself, the PNGs in a report folder,
+    or the PNGs beside a non-image report file.  Only paths under ``reports_dir``."""
+    if not report_path:
+        return []
+    p = Path(report_path)
+    if p.is_dir():
+        found = sorted(p.glob("*.png"))
+    elif p.suffix.lower() == ".png":
+        found = [p] if p.is_file() else []
+    elif p.exists():
+        found = sorted(p.parent.glob("*.png"))
+    else:
+        found = []
+    root = reports_dir.resolve()
+    return [f for f in found if f.resolve().is_relative_to(root)]
+
+
+# ----- page ------------------------------------------------------------------------------
+
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _prob(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+@dataclass
+class PageData:
+    status: dict[str, Any]
+    models: list[dict[str, Any]]
+    model_plots: dict[str, list[str]]  # version -> URLs
+
+
+def load_page_data(db: Database, settings: Settings, limit: int = 100) -> PageData:
+    from sqlalchemy import select
+
+    from db.models import Evaluation, ModelVersion, RetrainRun
+    from worker.status import StatusQuery, collect_status, list_models
+
+    plots: dict[str, list[str]] = {}
+    root = settings.reports_dir.resolve()
+    with db.session() as s:
+        status = collect_status(s, StatusQuery(limit=limit))
+        models = list_models(s)
+        rows = s.execute(
+            select(ModelVersion.version, Evaluation.report_path)
+            .join(Evaluation, Evaluation.model_version_id == ModelVersion.id)
+            .order_by(Evaluation.id)
+        ).all()
+        runs = s.execute(
+            select(RetrainRun.challenger_version, RetrainRun.report_path)
+            .where(RetrainRun.report_path.is_not(None))
+        ).all()
+    for version, report in [*rows, *runs]:
+        if not version:
+            continue
+        for png in report_pngs(report, settings.reports_dir):
+            rel = png.resolve().relative_to(root).as_posix()
+            url = "/reports/" + quote(rel)
+            if url not in plots.setdefault(version, []):
+                plots[version].append(url)
+    return PageData(status, models, plots)
+
+
+def render_page(data: PageData) -> str:
+    summ = data.status["summary"]
+    counts = "".join(f"<span>{_e(k)}: <b>{v}</b></span>"
+                     for k, v in summ["studies_by_state"].items())
+    prod = summ["production_model"]
+    prod_text = ("<b>no production model</b> — register one with "
+                 "<code>cxr-triage model register PATH --promote</code>"
+                 if prod is None else f"production model <b>{_e(prod['version'])}</b>")
+    rows = []
+    for st in data.status["studies"]:
+        pred = st["prediction"] or {}
+        call = pred.get("positive")
+        call_html = ("–" if call is None else
+                     '<span class="call-positive">POSITIVE</span>' if call else
+                     '<span class="call-negative">negative</span>')
+        thumbs = "".join(
+            f'<img class="heatmap" alt="heatmap {h["prediction_id"]}" '
+            f'src="/heatmap/{h["prediction_id"]}.png">' for h in st["heatmaps"][:3]
+        ) or '<span class="muted">–</span>'
+        deliveries = "<br>".join(
+            f"{_e(d['kind'])} → {_e(d['destination'])}: {_e(d['state'])}"
+            + (f" ({d['attempts']}×)" if d["attempts"] else "")
+            + (f' <span class="muted">{_e(d["reason"])}</span>' if d["reason"] else "")
+            for d in st["deliveries"]
+        ) or '<span class="muted">–</span>'
+        rows.append(
+            f"<tr><td class=\"uid\">{_e(st['study_uid'])}</td>"
+            f"<td class=\"state-{_e(st['state'])}\">{_e(st['state'])}</td>"
+            f"<td>{st['instances']}</td><td>{_e((st['received_at'] or '')[:19])}</td>"
+            f"<td>{_prob(pred.get('probability'))}</td><td>{call_html}</td>"
+            f"<td>{_e(pred.get('model_version') or '–')}</td><td>{thumbs}</td>"
+            f"<td>{deliveries}</td><td>{_e(st['reason'] or '')}</td></tr>"
+        )
+    studies_html = "\n".join(rows) or '<tr><td colspan="10">No studies received yet.</td></tr>'
+    model_rows = []
+    for m in data.models:
+        ev = m["last_evaluation"] or {}
+        plots = "".join(f'<img class="report" alt="evaluation plot" src="{_e(u)}">'
+                        for u in data.model_plots.get(m["version"], []))
+        model_rows.append(
+            f"<tr><td>{_e(m['version'])}</td><td>{_e(m['stage'])}</td>"
+            f"<td>{_e(m['architecture'])}</td><td>{m['threshold']:.3f}</td>"
+            f"<td>{_prob(ev.get('auc'))}</td><td>{_prob(ev.get('sensitivity'))}</td>"
+            f"<td>{_prob(ev.get('specificity'))}</td><td>{_e(ev.get('n_images', '–'))}</td>"
+            f"<td>{plots or '<span class=muted>–</span>'}</td></tr>"
+        )
+    models_html = "\n".join(model_rows) or '<tr><td colspan="9">No models registered.</td></tr>'
+    failed = "".join(
+        f"<li>{_e(d['study_uid'])} {_e(d['kind'])} → {_e(d['destination'])}: "
+        f"{_e(d['reason'])}</li>" for d in summ["failed_deliveries"])
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="refresh" content="15">
+<title>cxr-triage</title><link rel="stylesheet" href="/static/style.css"></head>
+<body>
+<h1>cxr-triage</h1>
+<div class="banner">{_e(NOT_FOR_DIAGNOSIS)}</div>
+<div class="summary">{counts}<span>{prod_text}</span></div>
+{f'<h2>Failed deliveries</h2><ul>{failed}</ul>' if failed else ''}
+<h2>Recent studies</h2>
+<table id="studies"><thead><tr><th>Study UID</th><th>State</th><th>Images</th>
+<th>Received (UTC)</th><th>Probability</th><th>Call</th><th>Model</th><th>Heatmap</th>
+<th>Delivery</th><th>Reason</th></tr></thead>
+<tbody>
+{studies_html}
+</tbody></table>
+<h2>Models</h2>
+<table id="models"><thead><tr><th>Version</th><th>Stage</th><th>Architecture</th>
+<th>Threshold</th><th>AUC</th><th>Sensitivity</th><th>Specificity</th><th>n</th>
+<th>Evaluation plots</th></tr></thead>
+<tbody>
+{models_html}
+</tbody></table>
+<footer>Read-only view. JSON: <a href="/api/status">/api/status</a> ·
+health: <a href="/healthz">/healthz</a></footer>
+</body></html>
+"""
+
+
+# ----- server ----------------------------------------------------------------------------
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: WebServer
+    server_version = "cxr-triage-web"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
+        log.debug("web %s %s", self.address_string(), format % args)
+
+    def _send(self, status: int, body: bytes, ctype: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _not_found(self, what: str) -> None:
+        self._send(HTTPStatus.NOT_FOUND, f"not found: {what}\n".encode(), "text/plain")
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        path = unquote(urlsplit(self.path).path)
+        app = self.server
+        try:
+            if path in ("/", "/index.html"):
+                page = render_page(load_page_data(app.db, app.settings))
+                self._send(HTTPStatus.OK, page.encode(), "text/html; charset=utf-8")
+            elif path == "/api/status":
+                from worker.status import collect_status
+
+                with app.db.session() as s:
+                    body = json.dumps(collect_status(s), sort_keys=True).encode()
+                self._send(HTTPStatus.OK, body, "application/json")
+            elif path == "/healthz":
+                from worker.health import check_health
+
+                report = check_health(app.settings, app.db)
+                status = HTTPStatus.OK if report.ok else HTTPStatus.SERVICE_UNAVAILABLE
+                self._send(status, json.dumps(report.as_dict()).encode(), "application/json")
+            elif path.startswith("/heatmap/") and path.endswith(".png"):
+                self._heatmap(path[len("/heatmap/"):-len(".png")])
+            elif path.startswith("/reports/"):
+                self._report(path[len("/reports/"):])
+            elif path.startswith("/static/"):
+                self._static(path[len("/static/"):])
+            else:
+                self._not_found(path)
+        except BrokenPipeError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - one failed request must not kill the server
+            log.exception("web request failed path=%s", path)
+            self._send(HTTPStatus.INTERNAL_SERVER_ERROR,
+                       f"error: {type(exc).__name__}\n".encode(), "text/plain")
+
+    def _heatmap(self, ident: str) -> None:
+        from db.models import Prediction
+
+        if not ident.isdigit():
+            return self._not_found("heatmap")
+        with self.server.db.session() as s:
+            pred = s.get(Prediction, int(ident))
+            stored = pred.heatmap_path if pred is not None else None
+        if not stored or not Path(stored).is_file():
+            return self._not_found("heatmap")
+        self._send(HTTPStatus.OK, render_heatmap_png(Path(stored)), "image/png")
+
+    def _report(self, rel: str) -> None:
+        root = self.server.settings.reports_dir.resolve()
+        target = (root / rel).resolve()
+        if not target.is_relative_to(root) or target.suffix.lower() != ".png" \
+                or not target.is_file():
+            return self._not_found("report")
+        self._send(HTTPStatus.OK, target.read_bytes(), "image/png")
+
+    def _static(self, name: str) -> None:
+        target = (STATIC_DIR / name).resolve()
+        if not target.is_relative_to(STATIC_DIR.resolve()) or not target.is_file():
+            return self._not_found("static")
+        ctype = "text/css" if target.suffix == ".css" else "application/octet-stream"
+        self._send(HTTPStatus.OK, target.read_bytes(), ctype)
+
+
+class WebServer(ThreadingHTTPServer):
+    """The page's HTTP server, holding one database handle for all requests."""
+
+    daemon_threads = True
+
+    def __init__(self, settings: Settings, host: str, port: int) -> None:
+        self.settings = settings
+        self.db = Database(settings)
+        super().__init__((host, port), _Handler)
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+        self.db.dispose()
+
+
+def start_web(settings: Settings, host: str = "127.0.0.1", port: int = 0) -> WebServer:
+    """Serve in a daemon thread (tests, ``up``); ``close()`` stops it."""
+    server = WebServer(settings, host, port)
+    threading.Thread(target=server.serve_forever, name="cxr-web", daemon=True).start()
+    log.info("web page listening host=%s port=%d", host, server.port)
+    return server
+
+
+def serve_forever(settings: Settings, host: str, port: int) -> None:
+    """``cxr-triage web``: serve until interrupted."""
+    server = WebServer(settings, host, port)
+    log.info("web page listening host=%s port=%d", host, server.port)
+    print(f"cxr-triage web page on http://{host}:{server.port}/", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        server.db.dispose()
