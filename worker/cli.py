@@ -183,30 +183,21 @@ def cmd_model_register(args: argparse.Namespace, settings: Settings) -> int:
     if not path.is_file():
         print(f"error: checkpoint {path} does not exist", file=sys.stderr)
         return EXIT_FAILED
+    registry_error = _require("trainer.registry", "RegistryError")
+    promote = _require("trainer.registry", "promote")
     db = _database(settings)
     try:
-        version = register_model(db, settings, path)
-        name = getattr(version, "version", version)
-        print(f"registered model {name}")
+        info = register_model(db, path)
+        print(f"registered model {info.version} ({info.architecture}, stage {info.stage})")
         if args.promote:
-            promote = _require("trainer.registry", "promote")
-            promote(db, str(name))
-            print(f"promoted model {name} to production")
+            info = promote(db, info.version)
+            print(f"promoted model {info.version} to production")
+    except registry_error as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     finally:
         db.dispose()
     return EXIT_OK
-
-
-def _failed_rows(result: Any) -> int:
-    """How many rows a label import rejected, whatever shape its result has."""
-    for attr in ("failed", "errors", "rejected"):
-        value = getattr(result, attr, None)
-        if value is None and isinstance(result, dict):
-            value = result.get(attr)
-        if value is None:
-            continue
-        return value if isinstance(value, int) else len(value)
-    return 0
 
 
 def cmd_labels_import(args: argparse.Namespace, settings: Settings) -> int:
@@ -215,15 +206,20 @@ def cmd_labels_import(args: argparse.Namespace, settings: Settings) -> int:
     if not path.is_file():
         print(f"error: label file {path} does not exist", file=sys.stderr)
         return EXIT_FAILED
+    label_file_error = _require("trainer.labels", "LabelFileError")
     db = _database(settings)
     try:
-        result = import_labels(db, path)
+        report = import_labels(db, path)
+    except label_file_error as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     finally:
         db.dispose()
-    print(str(result))
-    failed = _failed_rows(result)
-    if failed:
-        print(f"error: {failed} row(s) of {path} were not imported", file=sys.stderr)
+    print(f"{path.name}: {report.summary()}")
+    for err in report.errors:
+        print(f"  rejected {err}", file=sys.stderr)
+    if report.failed:
+        print(f"error: {report.failed} row(s) of {path} were not imported", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
 
@@ -244,7 +240,7 @@ def cmd_redeliver(args: argparse.Namespace, settings: Settings) -> int:
         result = redeliver(db, settings, args.study_uid)
     finally:
         db.dispose()
-    print(f"redelivery scheduled for {args.study_uid}: {result}")
+    print(f"redelivery scheduled for {args.study_uid}: {len(result)} object(s)")
     return EXIT_OK
 
 

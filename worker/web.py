@@ -325,6 +325,12 @@ def start_web(settings: Settings, host: str = "127.0.0.1", port: int = 0) -> Web
 
 def serve_forever(settings: Settings, host: str, port: int) -> None:
     """``cxr-triage web``: serve until interrupted."""
+    import signal
+
+    def _stop(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
     server = WebServer(settings, host, port)
     log.info("web page listening host=%s port=%d", host, server.port)
     print(f"cxr-triage web page on http://{host}:{server.port}/", flush=True)

@@ -1,0 +1,104 @@
+"""`cxr-triage up` as a real process group, its supervisor, and the demo end to end."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.services import free_port, wait_until
+from worker import up
+
+DCMTK_ECHOSCU = "/usr/bin/echoscu"  # DCMTK's, not pynetdicom's script of the same name
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # a zombie still answers kill(0); it has exited all the same
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except OSError:
+        return True
+
+
+def test_supervisor_restarts_a_crashed_child_with_backoff(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    monkeypatch.setattr(up, "BACKOFF_START", 0.2)
+    crasher = up.Child("crasher", [sys.executable, "-c", "raise SystemExit(3)"])
+    sleeper = up.Child("sleeper", [sys.executable, "-c", "import time; time.sleep(600)"])
+    sup = up.Supervisor([crasher, sleeper], dict(os.environ))
+
+    def restarted_twice() -> bool:
+        sup.tick()
+        return len(crasher.pids) >= 3
+
+    wait_until(restarted_twice, timeout=30, interval=0.05, what="two restarts of the crasher")
+    assert len(sleeper.pids) == 1  # the healthy child was left alone
+    assert sup.backoff(crasher) >= 0.4  # backoff grows with consecutive crashes
+    sup.shutdown()
+    assert all(_gone(pid) for pid in crasher.pids + sleeper.pids)
+    assert sleeper.process is not None and sleeper.process.returncode == -signal.SIGTERM
+
+
+@pytest.mark.dcmtk
+@pytest.mark.slow
+def test_up_starts_every_process_answers_echo_and_stops_on_sigint(tmp_path: Path) -> None:
+    if not Path(DCMTK_ECHOSCU).exists():
+        pytest.skip("DCMTK echoscu is not installed (apt install dcmtk)")
+    port, web_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
+    env.update(CXR_DATA_DIR=str(tmp_path / "data"), CXR_PORT=str(port),
+               CXR_BIND_ADDRESS="127.0.0.1", CXR_WEB_PORT=str(web_port),
+               CXR_STABLE_SECONDS="1", CXR_LOG_LEVEL="INFO")
+    log_path = tmp_path / "up.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "up"], env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def echo_ok() -> bool:
+            r = subprocess.run([DCMTK_ECHOSCU, "-aet", "STORESCU", "-aec", "CXR_TRIAGE",
+                                "127.0.0.1", str(port)], capture_output=True, timeout=30)
+            return r.returncode == 0
+
+        wait_until(echo_ok, timeout=90, interval=0.5, what="C-ECHO to the listener under up")
+
+        def web_ok() -> bool:
+            import urllib.request
+
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/healthz",
+                                            timeout=5) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        wait_until(web_ok, timeout=60, interval=0.5, what="the web page under up")
+        wait_until(lambda: " ready." in log_path.read_text(), timeout=90, interval=0.5,
+                   what="the Celery worker to report ready")
+        text = log_path.read_text()
+        pids = {line.split()[1]: int(line.split("pid=")[1])
+                for line in text.splitlines() if line.startswith("CHILD ")}
+        assert set(pids) == {"listener", "worker", "scheduler", "web"}, text[-3000:]
+        assert "No production model is registered" in text
+        assert "cxr-triage up --bootstrap" in text
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log_path.read_text()
+    assert "all processes stopped" in text
+    stopped = {line.split("name=")[1].split()[0]: line.rsplit("rc=", 1)[1]
+               for line in text.splitlines() if "child stopped name=" in line}
+    assert stopped == dict.fromkeys(["listener", "worker", "scheduler", "web"], "0"), stopped
+    for name, pid in pids.items():
+        assert _gone(pid), f"{name} (pid {pid}) still running"
+    assert "restarting in" not in text, text[-3000:]
