@@ -184,6 +184,7 @@ def cmd_model_register(args: argparse.Namespace, settings: Settings) -> int:
         print(f"error: checkpoint {path} does not exist", file=sys.stderr)
         return EXIT_FAILED
     registry_error = _require("trainer.registry", "RegistryError")
+    checkpoint_error = _require("trainer.checkpoint", "CheckpointError")
     promote = _require("trainer.registry", "promote")
     db = _database(settings)
     try:
@@ -192,7 +193,7 @@ def cmd_model_register(args: argparse.Namespace, settings: Settings) -> int:
         if args.promote:
             info = promote(db, info.version)
             print(f"promoted model {info.version} to production")
-    except registry_error as exc:
+    except (registry_error, checkpoint_error) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     finally:
