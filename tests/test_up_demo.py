@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -102,3 +103,48 @@ def test_up_starts_every_process_answers_echo_and_stops_on_sigint(tmp_path: Path
     for name, pid in pids.items():
         assert _gone(pid), f"{name} (pid {pid}) still running"
     assert "restarting in" not in text, text[-3000:]
+
+
+def _run_demo(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
+    return subprocess.run([sys.executable, "-m", "worker.cli", "demo", "--workdir",
+                           str(tmp_path / "demo"), "--timeout", "150", *args],
+                          cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.slow
+def test_demo_with_phantoms_delivers_sr_and_heatmap_to_a_folder_pacs(tmp_path: Path) -> None:
+    import pydicom
+
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    r = _run_demo(tmp_path, "--data", str(empty), "--no-orthanc", "--studies", "2")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "SYNTHETIC PHANTOMS" in r.stdout and "UNTRAINED" in r.stdout
+    received = [pydicom.dcmread(p) for p in (tmp_path / "demo" / "pacs").glob("*.dcm")]
+    modalities = sorted(ds.Modality for ds in received)
+    assert modalities.count("SR") == 2 and len(received) == 4, modalities
+    sent = [pydicom.dcmread(p) for p in (tmp_path / "demo" / "phantoms").glob("*.dcm")]
+    assert all(ds.PatientName == "PHANTOM^SYNTHETIC" for ds in sent)
+    assert all(ds.SeriesDescription == "SYNTHETIC PHANTOM" for ds in sent)
+    assert {ds.StudyInstanceUID for ds in received} == {ds.StudyInstanceUID for ds in sent}
+    assert "PHANTOM-00" not in r.stdout  # patient IDs never printed
+    for line in r.stdout.splitlines():
+        if " heatmap map: " in line:
+            assert Path(line.split(" heatmap map: ")[1]).is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.orthanc
+@pytest.mark.shared_data
+def test_demo_with_real_dicom_files_into_orthanc(tmp_path: Path, shared_data: Path) -> None:
+    if shutil.which("Orthanc") is None:
+        pytest.skip("Orthanc is not installed (apt install orthanc)")
+    r = _run_demo(tmp_path, "--data", str(shared_data), "--studies", "2")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "real DICOM files" in r.stdout
+    assert "skipped" in r.stdout and "not a chest image" in r.stdout  # the abdomen film
+    assert r.stdout.count("sr:delivered, sc:delivered") == 2
+    assert "receiving PACS holds 4 object(s): Orthanc" in r.stdout
+    assert (tmp_path / "demo" / "pacs" / "orthanc.json").is_file()

@@ -292,6 +292,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         use_orthanc=not args.no_orthanc,
         timeout=args.timeout,
         studies=args.studies,
+        model=Path(args.model) if args.model else None,
     ), base=settings)
 
 
@@ -358,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-orthanc", action="store_true",
                     help="use the built-in storage SCP even where Orthanc is installed")
     sp.add_argument("--studies", type=int, default=3, help="how many studies to send")
+    sp.add_argument("--model", metavar="PATH", help="checkpoint to score with (default: an "
+                    "untrained network whose scores are meaningless)")
     sp.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for results")
 
     sp = add("web", cmd_web, "serve the read-only operator web page")

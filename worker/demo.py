@@ -1,0 +1,394 @@
+"""``cxr-triage demo``: sample studies through the whole loop to a local receiving PACS.
+
+Everything runs for real on a private data directory: a receiving PACS (Orthanc when
+installed, else a small pynetdicom storage SCP writing to a folder), the listener and a
+worker as subprocesses, SR and heatmap delivery back to that PACS.  The model is one the
+operator names with ``--model``, or else an untrained network registered as
+``demo-untrained`` whose scores mean nothing: the demo shows the plumbing, not accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from db.settings import Settings, load_settings
+
+DEMO_CALLING_AE = "CXR_DEMO"
+PACS_AE = "DEMO_PACS"
+DEFAULT_DATA = Path("../shared/data/cxr")
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    data: Path | None = None
+    workdir: Path | None = None
+    use_orthanc: bool = True
+    timeout: float = 600.0
+    studies: int = 3
+    model: Path | None = None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ----- receiving PACS ---------------------------------------------------------------------
+
+
+class Receiver:
+    port: int
+    where: str
+
+    def received(self) -> int:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+
+class OrthancReceiver(Receiver):
+    """A real Orthanc with a temporary configuration on free ports."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port, self.http_port = free_port(), free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "cxr-demo-pacs", "DicomAet": PACS_AE, "DicomPort": self.port,
+            "HttpPort": self.http_port, "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False, "StorageDirectory": str(workdir / "db"),
+            "IndexDirectory": str(workdir / "db"), "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowStore": True, "DicomAlwaysAllowEcho": True,
+            "UnknownSopClassAccepted": True, "Plugins": [], "SaveJobs": False,
+        }
+        (workdir / "orthanc.json").write_text(json.dumps(config, indent=2))
+        log = open(workdir / "orthanc.log", "ab")  # noqa: SIM115 - kept open for the child
+        self.process = subprocess.Popen(["Orthanc", str(workdir / "orthanc.json")],
+                                        stdout=log, stderr=log, cwd=workdir)
+        log.close()
+        self.where = f"Orthanc http://127.0.0.1:{self.http_port}/app/explorer.html"
+        deadline = time.monotonic() + 60
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"Orthanc exited; see {workdir / 'orthanc.log'}")
+            try:
+                self._get("/system")
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("Orthanc did not start within 60 s") from None
+                time.sleep(0.2)
+
+    def _get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as r:
+            return json.loads(r.read())
+
+    def received(self) -> int:
+        return len(self._get("/instances"))
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class FolderReceiver(Receiver):
+    """A pynetdicom storage SCP that writes every object it receives to a folder."""
+
+    def __init__(self, folder: Path) -> None:
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.where = f"folder {folder}"
+        ae = AE(ae_title=PACS_AE)
+        for cx in AllStoragePresentationContexts:
+            if cx.abstract_syntax is not None:
+                ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification)
+        self._count = 0
+        self._lock = threading.Lock()
+
+        def on_store(event: Any) -> int:
+            uid = event.request.AffectedSOPInstanceUID
+            path = folder / f"{uid}.dcm"
+            with open(path, "wb") as f:
+                f.write(event.encoded_dataset())
+            with self._lock:
+                self._count += 1
+            return 0x0000
+
+        server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                 evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        assert server is not None  # block=False always returns the server
+        self.server = server
+
+    def received(self) -> int:
+        with self._lock:
+            return self._count
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+ALL_TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.50",
+    "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",
+    "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81",
+]
+
+
+# ----- inputs and model ---------------------------------------------------------------------
+
+
+def demo_inputs(options: DemoOptions, workdir: Path) -> tuple[list[Path], str]:
+    """Real DICOM files when a data folder exists, otherwise labelled phantoms."""
+    data = options.data or (DEFAULT_DATA if DEFAULT_DATA.is_dir() else None)
+    if data is not None and (data / "dicom").is_dir():
+        files = sorted((data / "dicom").glob("*.dcm"))
+        if files:
+            chest = [f for f in files if "nonchest" not in f.name]
+            other = [f for f in files if "nonchest" in f.name]
+            return (chest[: options.studies] + other[:1]), f"real DICOM files from {data}"
+    from worker.phantoms import write_phantoms
+
+    return (write_phantoms(workdir / "phantoms", options.studies),
+            "SYNTHETIC PHANTOMS (PatientName PHANTOM^SYNTHETIC): no real data found")
+
+
+def register_demo_model(settings: Settings, model: Path | None) -> str:
+    """Register and promote ``model``, or an untrained small network labelled as such."""
+    from db.session import Database
+    from trainer.registry import promote, register_model
+
+    db = Database(settings)
+    try:
+        if model is None:
+            from trainer.architectures import build_model
+            from trainer.checkpoint import ModelMeta, Preprocessing, save_checkpoint
+
+            model = settings.models_dir / "demo-untrained.pt"
+            meta = ModelMeta(architecture="tiny_cnn", input_size=128,
+                             preprocessing=Preprocessing.for_backbone("tiny_cnn"),
+                             threshold=0.5, version="demo-untrained")
+            save_checkpoint(model, build_model("tiny_cnn", pretrained=False), meta)
+        info = register_model(db, model)
+        promote(db, info.version)
+        return str(info.version)
+    finally:
+        db.dispose()
+
+
+def send_files(files: list[Path], settings: Settings) -> list[str]:
+    """C-STORE each file to the listener as CXR_DEMO; returns the Study Instance UIDs."""
+    import pydicom
+    from pynetdicom import AE
+
+    datasets = [pydicom.dcmread(f) for f in files]
+    ae = AE(ae_title=DEMO_CALLING_AE)
+    for ds in datasets:
+        ts = str(ds.file_meta.TransferSyntaxUID)
+        ae.add_requested_context(ds.SOPClassUID, [ts])
+    assoc = ae.associate("127.0.0.1", settings.port, ae_title=settings.ae_title)
+    if not assoc.is_established:
+        raise RuntimeError("the listener refused the demo association")
+    try:
+        for f, ds in zip(files, datasets, strict=True):
+            status = assoc.send_c_store(ds)
+            code = getattr(status, "Status", None)
+            if code not in (0x0000, 0xB000, 0xB007, 0xB006):
+                raise RuntimeError(f"the listener answered {code!r} for {f.name}")
+    finally:
+        assoc.release()
+    return sorted({str(ds.StudyInstanceUID) for ds in datasets})
+
+
+def echo_ok(settings: Settings) -> bool:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    ae = AE(ae_title=DEMO_CALLING_AE)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 5
+    assoc = ae.associate("127.0.0.1", settings.port, ae_title=settings.ae_title)
+    if not assoc.is_established:
+        return False
+    try:
+        status = assoc.send_c_echo()
+        return bool(status) and status.Status == 0x0000
+    finally:
+        assoc.release()
+
+
+# ----- the run -------------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def write_config(path: Path, values: dict[str, Any]) -> None:
+    """A TOML settings file for the demo's children (they read it through CXR_CONFIG)."""
+    path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items()))
+
+
+@dataclass
+class Progress:
+    finished: set[str] = field(default_factory=set)
+
+
+def _finished(settings: Settings, study_uids: list[str]) -> set[str]:
+    from sqlalchemy import select
+
+    from db.models import Delivery, Study
+    from db.session import Database
+
+    db = Database(settings, migrate=False)
+    try:
+        with db.session() as s:
+            done: set[str] = set()
+            for st in s.scalars(select(Study).where(Study.study_uid.in_(study_uids))):
+                if st.state in ("skipped", "failed"):
+                    done.add(st.study_uid)
+                elif st.state == "done":
+                    states = [d.state for d in s.scalars(
+                        select(Delivery).where(Delivery.study_id == st.id))]
+                    if states and all(x in ("delivered", "failed") for x in states):
+                        done.add(st.study_uid)
+            return done
+    finally:
+        db.dispose()
+
+
+def run_demo(options: DemoOptions, base: Settings | None = None) -> int:
+    from tqdm import tqdm
+
+    from worker.up import Child, Supervisor
+
+    workdir = (options.workdir or Path(tempfile.mkdtemp(prefix="cxr-demo-"))).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"demo files under {workdir}", flush=True)
+    use_orthanc = options.use_orthanc and shutil.which("Orthanc") is not None
+    receiver: Receiver = (OrthancReceiver(workdir / "pacs") if use_orthanc
+                          else FolderReceiver(workdir / "pacs"))
+    print(f"receiving PACS: {PACS_AE}@127.0.0.1:{receiver.port} ({receiver.where})", flush=True)
+    values: dict[str, Any] = {
+        "data_dir": str(workdir / "data"), "port": free_port(), "bind_address": "127.0.0.1",
+        "allowed_callers": [DEMO_CALLING_AE], "stable_seconds": 2.0,
+        "scheduler_interval": 0.5, "pacs": [f"{PACS_AE}@127.0.0.1:{receiver.port}"],
+        "device": base.device if base else "auto", "log_level": "WARNING",
+        "delivery_backoff_seconds": 1.0, "reconcile_after_seconds": 60.0,
+    }
+    config = workdir / "demo.toml"
+    write_config(config, values)
+    settings = load_settings(env={}, config_file=config)
+    settings.ensure_dirs()
+    supervisor: Supervisor | None = None
+    try:
+        version = register_demo_model(settings, options.model)
+        print(f"model in production: {version}"
+              + (" (UNTRAINED: scores are meaningless)" if options.model is None else ""),
+              flush=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
+        env.update(CXR_CONFIG=str(config), PYTHONUNBUFFERED="1")
+        py = sys.executable
+        supervisor = Supervisor([
+            Child("listener", [py, "-m", "dicom_node"]),
+            Child("worker", [py, "-m", "celery", "-A", "worker", "worker", "-Q",
+                             f"{settings.inference_queue},{settings.delivery_queue}",
+                             "--pool=solo", "-n", f"cxr-demo-{os.getpid()}@%h",
+                             "--loglevel=WARNING", "--without-gossip", "--without-mingle"]),
+        ], env)
+        supervisor.tick()
+        deadline = time.monotonic() + min(options.timeout, 120)
+        while not echo_ok(settings):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the listener did not answer C-ECHO within 120 s")
+            supervisor.tick()
+            time.sleep(0.5)
+        files, source = demo_inputs(options, workdir)
+        print(f"sending {len(files)} file(s): {source}", flush=True)
+        study_uids = send_files(files, settings)
+        finished: set[str] = set()
+        deadline = time.monotonic() + options.timeout
+        with tqdm(total=len(study_uids), desc="studies through the loop", unit="study") as bar:
+            while len(finished) < len(study_uids) and time.monotonic() < deadline:
+                supervisor.tick()
+                now = _finished(settings, study_uids)
+                bar.update(len(now) - len(finished))
+                finished = now
+                time.sleep(0.5)
+        report(settings, study_uids, receiver)
+        if len(finished) < len(study_uids):
+            print(f"error: {len(study_uids) - len(finished)} study(ies) did not finish within "
+                  f"{options.timeout:.0f} s", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        if supervisor is not None:
+            supervisor.shutdown()
+        receiver.stop()
+
+
+def report(settings: Settings, study_uids: list[str], receiver: Receiver) -> None:
+    """The results table, then where the SR and heatmap files are."""
+    from db.session import Database
+    from worker.cli import render_status_table
+    from worker.status import collect_status
+
+    db = Database(settings, migrate=False)
+    try:
+        with db.session() as s:
+            data = collect_status(s)
+    finally:
+        db.dispose()
+    data["studies"] = [st for st in data["studies"] if st["study_uid"] in study_uids]
+    print()
+    render_status_table(data, sys.stdout)
+    print("\nfiles:")
+    for st in data["studies"]:
+        for h in st["heatmaps"]:
+            print(f"  {st['study_uid']} heatmap map: {h['path']}")
+        for d in st["deliveries"]:
+            print(f"  {st['study_uid']} {d['kind'].upper()} ({d['state']}): "
+                  f"{_delivery_path(settings, d['id'])}")
+    print(f"\nreceiving PACS holds {receiver.received()} object(s): {receiver.where}")
+
+
+def _delivery_path(settings: Settings, delivery_id: int) -> str:
+    from db.models import Delivery
+    from db.session import Database
+
+    db = Database(settings, migrate=False)
+    try:
+        with db.session() as s:
+            row = s.get(Delivery, delivery_id)
+            return row.path if row is not None else "?"
+    finally:
+        db.dispose()
