@@ -153,3 +153,25 @@ def test_nightly_trains_on_received_studies_labelled_through_import(  # type: ig
         assert set(ev.metrics_json["per_source"]) == {"pacs:STORESCU"}
         assert ev.auc is not None and ev.auc > 0.8
     db.dispose()
+
+
+@pytest.mark.slow
+def test_a_crash_mid_run_leaves_the_champion_untouched(  # type: ignore[no-untyped-def]
+    make_settings, sqlite_url: str, tmp_path: Path
+) -> None:
+    from tests.support.trainer_db import fake_production_model
+
+    s = _tiny(make_settings, sqlite_url)
+    db = Database(s)
+    champion = fake_production_model(db, tmp_path)
+    data = write_folder(tmp_path / "ds", n_patients=40, seed=3)
+    (data / "images" / "synthetic-p0-0.png").write_bytes(b"not an image at all")
+    out = run_nightly(s, [data], force=True, train_overrides=FAST)
+    assert out.exit_code == 1 and out.status == "failed"
+    assert "synthetic-p0-0.png" in out.reasons[0]
+    assert production_model(db).version == champion  # type: ignore[union-attr]
+    assert [m.version for m in list_models(db)] == [champion]
+    with db.session() as session:
+        run = session.scalars(select(RetrainRun)).one()
+        assert run.status == "failed" and run.finished_at is not None
+    db.dispose()
