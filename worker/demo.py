@@ -140,7 +140,8 @@ class FolderReceiver(Receiver):
 
         server = ae.start_server(("127.0.0.1", self.port), block=False,
                                  evt_handlers=[(evt.EVT_C_STORE, on_store)])
-        assert server is not None  # block=False always returns the server
+        if server is None:  # block=False always returns one; guard the type
+            raise RuntimeError("the demo storage SCP did not start")
         self.server = server
 
     def received(self) -> int:
