@@ -69,6 +69,10 @@ def test_api_health_and_refusals(served) -> None:  # type: ignore[no-untyped-def
     status, _, body = _get(server, "/api/status")
     assert status == 200
     assert {s["study_uid"] for s in json.loads(body)["studies"]} >= {pop.done_uid}
+    status, _, body = _get(server, "/metrics")
+    assert status == 200
+    assert 'cxr_studies{state="done"} 1.0' in body.decode()
+    assert f'cxr_production_model_info{{version="{pop.model_version}"}} 1.0' in body.decode()
     status, _, body = _get(server, "/healthz")
     report = json.loads(body)
     assert status == 200 and report["status"] == "ok"

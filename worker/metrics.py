@@ -8,12 +8,13 @@ Two sources feed one endpoint per process:
 * a collector that reads the database at scrape time (:class:`DatabaseCollector`): studies
   by state, deliveries by state, the oldest waiting study, the production model and the
   positive rate by model version.  It covers what no process counted, and it is the same
-  whichever process is scraped, so scrape it from one process only (the listener by
-  default; see docs/operations.md).
+  whichever process is scraped, so it is served once: at ``/metrics`` of the web page
+  (``cxr-triage web``, also inside ``up``).
 
 Several processes on one host each serve their own port: the listener on
-``settings.metrics_port``, workers on the ports :func:`worker_metrics_port` assigns.
-Counters are per process; Prometheus sums them across targets.
+``settings.metrics_port`` (it sits on a lower floor and cannot import this module; it
+keeps its own counters under the same names), workers on the ports
+:func:`worker_metrics_port` assigns.  Counters are per process; Prometheus sums them.
 """
 
 from __future__ import annotations

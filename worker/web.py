@@ -1,7 +1,8 @@
 """The operator's read-only web page (stdlib ``http.server``; no CDN, no JavaScript).
 
 Routes: ``/`` the page; ``/api/status`` the ``status --json`` object; ``/healthz`` the
-health report (200 or 503); ``/heatmap/<prediction id>.png`` a thumbnail rendered from the
+health report (200 or 503); ``/metrics`` the database gauges for Prometheus;
+``/heatmap/<prediction id>.png`` a thumbnail rendered from the
 stored heatmap (``.npy`` float map or ``.png``); ``/reports/<path>`` PNG plots under
 ``settings.reports_dir``; ``/static/<file>`` the stylesheet.  Nothing here writes.
 """
@@ -246,6 +247,10 @@ class _Handler(BaseHTTPRequestHandler):
                 with app.db.session() as s:
                     body = json.dumps(collect_status(s), sort_keys=True).encode()
                 self._send(HTTPStatus.OK, body, "application/json")
+            elif path == "/metrics":
+                from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+                self._send(HTTPStatus.OK, generate_latest(app.registry), CONTENT_TYPE_LATEST)
             elif path == "/healthz":
                 from worker.health import check_health
 
@@ -301,8 +306,15 @@ class WebServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, settings: Settings, host: str, port: int) -> None:
+        from prometheus_client import CollectorRegistry
+
+        from worker.metrics import DatabaseCollector
+
         self.settings = settings
         self.db = Database(settings)
+        # The database gauges, scraped here once per installation (docs/operations.md).
+        self.registry = CollectorRegistry()
+        self.registry.register(DatabaseCollector(self.db))
         super().__init__((host, port), _Handler)
 
     @property
