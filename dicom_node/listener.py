@@ -38,7 +38,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from db.session import Database
 from db.settings import Settings
-from dicom_node import ingest, spool
+from dicom_node import ingest, metrics, spool
 from dicom_node.errors import TransientError
 from dicom_node.publisher import CeleryPublisher, Publisher
 from dicom_node.stability import StabilityLoop
@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
+#: Metric reasons for refusals that are our infrastructure's fault (answered 0xA700).
+_REJECT_REASONS = {"SpoolFullError": "disk_full", "SpoolWriteError": "write_failed",
+                   "RecordError": "record_failed"}
 STATUS_PROCESSING_FAILURE = 0x0110
 
 STORE_TRANSFER_SYNTAXES: tuple[str, ...] = (
@@ -157,6 +160,7 @@ class StoreService:
             reason = f"called AE title {called!r} is not ours"
         else:
             reason = "too many associations or unacceptable request"
+        metrics.instance_rejected("association")
         log.warning("association rejected calling_ae=%s called_ae=%s peer=%s reason=%s",
                     calling, called, self._peer(event), reason)
 
@@ -205,17 +209,21 @@ class StoreService:
             )
         except ingest.UnreadableDatasetError as exc:
             self._count(event, "failed")
+            metrics.instance_rejected("unreadable")
             log.warning("store refused sop=%s calling_ae=%s status=0xC000 reason=%s",
                         affected, calling_ae, exc)
             return STATUS_CANNOT_UNDERSTAND
         except TransientError as exc:
             self._count(event, "failed")
+            metrics.instance_rejected(_REJECT_REASONS.get(type(exc).__name__, "write_failed"))
             log.error("store failed sop=%s calling_ae=%s status=0xA700 reason=%s", affected,
                       calling_ae, exc)
             return STATUS_OUT_OF_RESOURCES
         finally:
             dataset_buffer.release()
         self._count(event, "duplicates" if outcome.duplicate else "stored")
+        if not outcome.duplicate:
+            metrics.instance_received(header.modality)
         log.debug("stored sop=%s study=%s duplicate=%s", header.sop_uid, header.study_uid,
                   outcome.duplicate)
         return STATUS_SUCCESS

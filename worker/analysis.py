@@ -37,11 +37,13 @@ from db.models import (
     Prediction,
     Study,
     StudyState,
+    as_utc,
     utcnow,
 )
 from db.session import Database
 from db.settings import Settings
 from dicom_node.errors import BadInputError, TransientError
+from worker import metrics
 from worker.model_cache import (
     NO_PRODUCTION_MODEL,
     LoadedProductionModel,
@@ -151,6 +153,9 @@ def claim(
                       "(worker lost or message redelivered)")
             _record_failure(s, study, model.id, generation, reason, now)
             return Outcome(study_id, "gave_up", reason)
+        queued_at = as_utc(study.queued_at)
+        if queued_at is not None:
+            metrics.observe_queue_wait((now - queued_at).total_seconds())
         study.state = StudyState.ANALYSING
         study.reason = None
         study.updated_at = now
@@ -439,6 +444,9 @@ def analyse_study(
         release_waiting(db, study_id, generation, str(exc))
         return Outcome(study_id, "waiting", str(exc))
     result = compute(claimed, model, settings)
+    metrics.observe_inference(result.timings.get("total_s", 0.0), claimed.model.version)
+    if result.positive is not None:
+        metrics.prediction_made(claimed.model.version, result.positive)
     predecessor = previous_sr(db, study_id)
     outputs, sr_uid = write_outputs(settings, claimed, model, result, predecessor)
     return finish(db, settings, claimed, result, outputs, sr_uid)

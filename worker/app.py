@@ -17,6 +17,7 @@ from celery.signals import setup_logging
 from db.broker import make_celery
 from db.settings import Settings, load_settings
 from worker.beat import beat_schedule
+from worker.metrics import install_celery_signals
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ def build_app(s: Settings) -> Celery:
 
 
 app: Celery = build_app(settings)
+install_celery_signals(settings)  # each pool process serves /metrics when metrics_port is set
 
 
 @setup_logging.connect  # type: ignore[untyped-decorator]

@@ -27,6 +27,7 @@ from db.session import Database
 from db.settings import Destination, Settings
 from dicom_node.errors import BadInputError
 from dicom_node.sender import send_file
+from worker import metrics
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,7 @@ def deliver(db: Database, settings: Settings, delivery_id: int,
             log.info("delivered kind=%s sop_uid=%s destination=%s status=%s attempts=%s",
                      current.kind, current.sop_instance_uid, current.destination,
                      result.status, current.attempts)
+            metrics.delivery_outcome(current.kind, "delivered")
             return DeliveryOutcome(delivery_id, "delivered")
         current.reason = result.reason or "send failed"
         if result.permanent or done_at >= deadline:
@@ -158,6 +160,7 @@ def deliver(db: Database, settings: Settings, delivery_id: int,
                               f"last error: {result.reason}")
             log.error("delivery failed sop_uid=%s destination=%s reason=%s",
                       current.sop_instance_uid, current.destination, current.reason)
+            metrics.delivery_outcome(current.kind, "failed")
             return DeliveryOutcome(delivery_id, "failed", reason=current.reason)
         delay = backoff_seconds(settings, current.attempts)
         next_at = min(done_at + timedelta(seconds=delay), deadline)
@@ -167,6 +170,7 @@ def deliver(db: Database, settings: Settings, delivery_id: int,
         log.warning("delivery retry sop_uid=%s destination=%s attempts=%s in_s=%.1f reason=%s",
                     current.sop_instance_uid, current.destination, current.attempts,
                     countdown, result.reason)
+        metrics.delivery_outcome(current.kind, "retry")
         return DeliveryOutcome(delivery_id, "retry", countdown=countdown, reason=result.reason)
 
 

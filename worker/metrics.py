@@ -36,15 +36,16 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from db.settings import Settings
+from dicom_node.metrics import (  # noqa: F401  (re-exported: one registration per process)
+    INSTANCES_RECEIVED,
+    INSTANCES_REJECTED,
+    instance_received,
+    instance_rejected,
+    label,
+)
 
 log = logging.getLogger(__name__)
 
-INSTANCES_RECEIVED = Counter(
-    "cxr_instances_received", "DICOM instances stored by the listener", ["modality"]
-)
-INSTANCES_REJECTED = Counter(
-    "cxr_instances_rejected", "DICOM instances the listener refused, by reason", ["reason"]
-)
 QUEUE_WAIT = Histogram(
     "cxr_queue_wait_seconds", "From a study being queued to its analysis starting",
     buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 1800, 3600),
@@ -61,27 +62,10 @@ PREDICTIONS = Counter(
     "cxr_predictions", "Scored studies by model version and call", ["model_version", "call"]
 )
 
-#: Bounded label values, so that a bug or a hostile peer cannot explode cardinality.
-_MAX_LABEL_LEN = 48
-
-
-def _label(value: str | None) -> str:
-    text = (value or "unknown").strip() or "unknown"
-    return text[:_MAX_LABEL_LEN]
+_label = label  # bounded label values (see dicom_node.metrics)
 
 
 # ----- functions the listener and the tasks call --------------------------------------------
-
-
-def instance_received(modality: str | None = None) -> None:
-    """The listener stored an instance durably."""
-    INSTANCES_RECEIVED.labels(modality=_label(modality)).inc()
-
-
-def instance_rejected(reason: str) -> None:
-    """The listener refused an instance; ``reason`` is a short fixed word such as
-    ``sop_class``, ``disk_full``, ``caller``, ``write_failed``."""
-    INSTANCES_REJECTED.labels(reason=_label(reason)).inc()
 
 
 def observe_queue_wait(seconds: float) -> None:
