@@ -48,6 +48,26 @@ def test_supervisor_restarts_a_crashed_child_with_backoff(monkeypatch: pytest.Mo
     assert sleeper.process is not None and sleeper.process.returncode == -signal.SIGTERM
 
 
+def test_supervisor_gives_up_on_a_crash_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child that can never start (a configuration fault) stops the group with a reason,
+    rather than restarting forever while the operator waits."""
+    monkeypatch.setattr(up, "BACKOFF_START", 0.05)
+    monkeypatch.setattr(up, "BACKOFF_MAX", 0.05)
+    crasher = up.Child("crasher", [sys.executable, "-c", "raise SystemExit(2)"])
+    sleeper = up.Child("sleeper", [sys.executable, "-c", "import time; time.sleep(600)"])
+    sup = up.Supervisor([crasher, sleeper], dict(os.environ))
+
+    def stopped() -> bool:
+        sup.tick()
+        return sup.stopping.is_set()
+
+    wait_until(stopped, timeout=60, interval=0.05, what="the supervisor to give up")
+    assert sup.gave_up is not None and "crasher" in sup.gave_up and "status 2" in sup.gave_up
+    assert len(crasher.pids) == up.START_LIMIT
+    sup.shutdown()
+    assert all(_gone(pid) for pid in crasher.pids + sleeper.pids)
+
+
 @pytest.mark.dcmtk
 @pytest.mark.slow
 def test_up_starts_every_process_answers_echo_and_stops_on_sigint(tmp_path: Path) -> None:

@@ -332,6 +332,8 @@ def run_demo(options: DemoOptions, base: Settings | None = None) -> int:
             if time.monotonic() > deadline:
                 raise RuntimeError("the listener did not answer C-ECHO within 120 s")
             supervisor.tick()
+            if supervisor.gave_up:
+                raise RuntimeError(supervisor.gave_up)
             time.sleep(0.5)
         files, source = demo_inputs(options, workdir)
         print(f"sending {len(files)} file(s): {source}", flush=True)
@@ -341,6 +343,8 @@ def run_demo(options: DemoOptions, base: Settings | None = None) -> int:
         with tqdm(total=len(study_uids), desc="studies through the loop", unit="study") as bar:
             while len(finished) < len(study_uids) and time.monotonic() < deadline:
                 supervisor.tick()
+                if supervisor.gave_up:
+                    raise RuntimeError(supervisor.gave_up)
                 now = _finished(settings, study_uids)
                 bar.update(len(now) - len(finished))
                 finished = now

@@ -29,6 +29,8 @@ GRACE_SECONDS = 20.0
 BACKOFF_START = 1.0
 BACKOFF_MAX = 60.0
 HEALTHY_AFTER = 60.0  # a child that ran this long has its backoff reset
+QUICK_EXIT = 10.0  # a child that dies sooner than this after starting did not really start
+START_LIMIT = 5  # that many quick exits in a row: a configuration fault, give up (as systemd)
 POLL_SECONDS = 0.2
 
 
@@ -49,6 +51,7 @@ class Child:
     process: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     restarts: int = 0
+    quick_exits: int = 0
     next_start: float = 0.0
     pids: list[int] = field(default_factory=list)
 
@@ -146,6 +149,7 @@ class Supervisor:
         self.env = env
         self.clock = clock
         self.stopping = threading.Event()
+        self.gave_up: str | None = None  # why the group stopped by itself, if it did
 
     def request_stop(self, signum: int = signal.SIGTERM, _frame: Any = None) -> None:
         log.info("stop requested signal=%d", signum)
@@ -167,6 +171,18 @@ class Supervisor:
                     child.restarts = 0
                 continue
             child.restarts += 1
+            quick = now - child.started_at < QUICK_EXIT
+            child.quick_exits = child.quick_exits + 1 if quick else 0
+            if child.quick_exits >= START_LIMIT:
+                self.gave_up = (f"{child.name} exited with status {rc} within "
+                                f"{QUICK_EXIT:.0f} s of starting {START_LIMIT} times in a row; "
+                                "giving up (check its log lines above and the settings)")
+                log.error("child crash loop name=%s rc=%s quick_exits=%d", child.name, rc,
+                          child.quick_exits)
+                print(f"error: {self.gave_up}", file=sys.stderr, flush=True)
+                child.process = None
+                self.stopping.set()
+                return
             delay = self.backoff(child)
             log.warning("child exited name=%s pid=%d rc=%s restart_in=%.1fs", child.name,
                         child.process.pid, rc, delay)
@@ -220,4 +236,4 @@ def run_up(settings: Settings, options: UpOptions) -> int:
           + (f", web page http://{options.web_host}:{settings.web_port}/" if options.web else "")
           + "; Ctrl-C stops everything", flush=True)
     supervisor.run()
-    return 0
+    return 1 if supervisor.gave_up else 0
