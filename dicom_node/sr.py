@@ -96,7 +96,10 @@ def contributing_equipment(model: ModelInfo) -> hd.ContributingEquipment:
         manufacturer=model.manufacturer[:64],
         purpose_of_reference=codes.DCM.ProcessingEquipment,
         manufacturer_model_name=model.name[:64],
-        software_versions=[model.version[:64], model.sha256[:64]],
+        # The weights hash is the serial number (exactly 64 characters) and is repeated in
+        # the description.  Beside the version in SoftwareVersions it would make an odd
+        # total length whose padding byte lands on a 64-character value.
+        software_versions=[model.version[:64]],
         device_serial_number=model.sha256[:64],
         contribution_description=(
             f"COVID-19 triage model {model.name} {model.version} "

@@ -53,7 +53,8 @@ def test_sc_of_a_phantom_validates_and_references_its_source(tmp_path: Path) -> 
     assert "NOT FOR DIAGNOSTIC USE" in back.ImageComments
     equipment = [e for e in back.ContributingEquipmentSequence
                  if e.get("ManufacturerModelName") == model.name]
-    assert model.sha256 in list(equipment[0].SoftwareVersions)
+    assert equipment[0].SoftwareVersions == model.version
+    assert equipment[0].DeviceSerialNumber == model.sha256
     # Never upscaled: the radiograph keeps its 256 rows under the caption banner.
     pixels = back.pixel_array
     assert pixels.shape[0] > 256 and pixels.shape[0] < 256 * 2
