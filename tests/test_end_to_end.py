@@ -92,3 +92,11 @@ def test_orthanc_to_node_to_worker_to_orthanc(make_settings, sqlite_url: str,  #
     assert [i.ReferencedSOPInstanceUID for i in sc.SourceImageSequence] == \
         [source.SOPInstanceUID]
     db.dispose()
+
+
+def _echo_ok(orthanc) -> bool:  # type: ignore[no-untyped-def]
+    try:
+        orthanc.post("/modalities/NODE/echo", {})
+        return True
+    except OSError:
+        return False

@@ -70,7 +70,9 @@ def wait_until(predicate: Any, timeout: float = 30.0, interval: float = 0.1, wha
         if last:
             return last
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}; last={last!r}")
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what or predicate}; last={last!r}"
+    )
 
 
 @dataclass
@@ -117,7 +119,8 @@ class Orthanc:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"Orthanc exited: {(self.workdir / 'orthanc.log').read_text()[-2000:]}")
+                log_tail = (self.workdir / "orthanc.log").read_text()[-2000:]
+                raise RuntimeError(f"Orthanc exited: {log_tail}")
             try:
                 self.get("/system")
                 return
@@ -166,6 +169,9 @@ def make_orthanc(workdir: Path, modalities: dict[str, list[Any]] | None = None,
         "StableAge": 1,
         "HttpsVerifyPeers": False,
         "ConcurrentJobs": 2,
+        # A freshly started peer on a loaded 2-core CI machine can take more than the
+        # default 10 s to answer its first association.
+        "DicomScuTimeout": 60,
         "SaveJobs": False,
     }
     (workdir / "orthanc.json").write_text(json.dumps(config, indent=2))
