@@ -212,7 +212,8 @@ class RetrainRun(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
-    status: Mapped[str] = mapped_column(String(16), default="running")  # running, done, noop, failed
+    # running, done, noop or failed
+    status: Mapped[str] = mapped_column(String(16), default="running")
     champion_version: Mapped[str | None] = mapped_column(String(64), default=None)
     challenger_version: Mapped[str | None] = mapped_column(String(64), default=None)
     decision: Mapped[str | None] = mapped_column(String(16), default=None)  # promoted, kept, none

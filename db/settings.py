@@ -308,7 +308,8 @@ def load_settings(
     env = os.environ if env is None else env
     names = {f.name for f in dataclasses.fields(Settings)}
     values: dict[str, Any] = {}
-    config_path = config_file or (Path(env[f"{ENV_PREFIX}CONFIG"]) if env.get(f"{ENV_PREFIX}CONFIG") else None)
+    env_config = env.get(f"{ENV_PREFIX}CONFIG")
+    config_path = config_file or (Path(env_config) if env_config else None)
     if config_path is not None:
         try:
             data = tomllib.loads(config_path.read_text())
