@@ -205,3 +205,32 @@ def test_broker_outage_studies_wait_then_analysed(make_settings, sqlite_url: str
         db.dispose()
     finally:
         redis.stop()
+
+
+def test_an_internal_error_fails_the_study_with_its_reason(make_settings, sqlite_url: str,  # type: ignore[no-untyped-def]
+                                                           worker_factory,
+                                                           tmp_path: Path) -> None:
+    """A fault that is neither bad input nor transient (here the outbox cannot be written)
+    is recorded on the study at once, with the error, instead of waiting for the
+    reconciler to give up."""
+    from sqlalchemy import select
+
+    from db.models import Study
+    from tests.support.worker_data import register_and_promote
+
+    settings = _redis_settings(make_settings, sqlite_url)
+    db = Database(settings)
+    register_and_promote(db, settings, "m-internal")
+    settings.outbox_dir.rmdir()
+    settings.outbox_dir.write_text("not a directory")
+    worker = worker_factory(settings, [settings.inference_queue])
+    study_id = add_study(db, settings, make_study_files(tmp_path / "a", n=1))
+    make_celery(settings).send_task(ANALYSE_TASK, args=[study_id, 1],
+                                    queue=settings.inference_queue)
+    wait_until(lambda: _study_state(db, study_id) == StudyState.FAILED, 90,
+               what=f"study failed\n{worker.log()[-3000:]}")
+    with db.session() as s:
+        reason = s.scalars(select(Study.reason).where(Study.id == study_id)).one()
+    assert reason is not None and reason.startswith("internal error: ")
+    assert worker.alive()
+    db.dispose()

@@ -77,6 +77,13 @@ def analyse_study(self: Task, study_id: int, generation: int) -> dict[str, Any]:
         log.warning("analysis retry study_id=%s generation=%s retries=%s error=%s",
                     study_id, generation, retries, exc)
         raise self.retry(exc=exc, countdown=_retry_countdown(retries)) from exc
+    except Exception as exc:
+        # Neither bad input nor transient: a fault of ours.  Record it on the study so it
+        # is never silent, then let Celery log the traceback; retrying would not help.
+        reason = f"internal error: {type(exc).__name__}: {exc}"[:2000]
+        log.exception("analysis failed study_id=%s generation=%s", study_id, generation)
+        mark_failed(rt.db, int(study_id), int(generation), reason)
+        raise
     if outcome.delivery_ids:
         try:
             publish(app, rt.settings, outcome.delivery_ids)
