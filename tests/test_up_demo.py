@@ -168,3 +168,31 @@ def test_demo_with_real_dicom_files_into_orthanc(tmp_path: Path, shared_data: Pa
     assert r.stdout.count("sr:delivered, sc:delivered") == 2
     assert "receiving PACS holds 4 object(s): Orthanc" in r.stdout
     assert (tmp_path / "demo" / "pacs" / "orthanc.json").is_file()
+
+
+@pytest.mark.slow
+def test_demo_stopped_by_sigterm_leaves_no_process_behind(tmp_path: Path) -> None:
+    """`timeout` or a supervisor ends the demo with SIGTERM: its children, which run in
+    their own sessions, must not be orphaned."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
+    log_path = tmp_path / "demo.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "demo", "--no-orthanc", "--data",
+             str(tmp_path / "no-data"), "--workdir", str(tmp_path / "demo")],
+            cwd=Path(__file__).resolve().parents[1], env=env, stdout=log,
+            stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: log_path.read_text().count("CHILD ") >= 2, 120, interval=0.2,
+                   what="the demo's listener and worker to start")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log_path.read_text()
+    pids = [int(line.split("pid=")[1].split()[0]) for line in text.splitlines()
+            if line.startswith("CHILD ")]
+    assert pids and proc.returncode == 128 + signal.SIGTERM
+    wait_until(lambda: all(_gone(pid) for pid in pids), 30, what=f"children gone: {pids}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -311,6 +312,9 @@ def run_demo(options: DemoOptions, base: Settings | None = None) -> int:
     settings = load_settings(env={}, config_file=config)
     settings.ensure_dirs()
     supervisor: Supervisor | None = None
+    # SIGTERM (a supervisor, `timeout`) must still stop the children, which run in their
+    # own sessions: turn it into an exit that runs the `finally` below.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         version = register_demo_model(settings, options.model)
         print(f"model in production: {version}"
@@ -359,6 +363,11 @@ def run_demo(options: DemoOptions, base: Settings | None = None) -> int:
         if supervisor is not None:
             supervisor.shutdown()
         receiver.stop()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def report(settings: Settings, study_uids: list[str], receiver: Receiver) -> None:
