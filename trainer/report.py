@@ -22,6 +22,8 @@ import numpy as np  # noqa: E402
 
 from trainer.metrics import curves, reliability_curve  # noqa: E402
 
+COLOURS = ("tab:blue", "tab:orange")  # not COVID-19, COVID-19: the same in every panel
+
 
 @dataclass
 class ModelScores:
@@ -82,7 +84,8 @@ def _histograms(m: ModelScores, out: Path) -> list[str]:
     bins = [i / 20 for i in range(21)]
     fig, ax = plt.subplots(figsize=(6, 4))
     for lab, name in ((0, "not COVID-19"), (1, "COVID-19")):
-        ax.hist(m.p[m.y == lab], bins=bins, alpha=0.6, label=f"{name} (n={(m.y == lab).sum()})")
+        ax.hist(m.p[m.y == lab], bins=bins, alpha=0.6, color=COLOURS[lab],
+                label=f"{name} (n={(m.y == lab).sum()})")
     ax.axvline(m.threshold, color="k", ls="--", lw=1, label=f"threshold {m.threshold:.3f}")
     ax.set(xlabel="predicted probability", ylabel="images", title=f"{m.name}: scores by class")
     ax.legend(fontsize=8)
@@ -94,7 +97,8 @@ def _histograms(m: ModelScores, out: Path) -> list[str]:
         for lab, name in ((0, "not COVID-19"), (1, "COVID-19")):
             sel = (src == g) & (m.y == lab)
             if sel.any():
-                ax.hist(m.p[sel], bins=bins, alpha=0.6, label=f"{name} ({sel.sum()})")
+                ax.hist(m.p[sel], bins=bins, alpha=0.6, color=COLOURS[lab],
+                        label=f"{name} ({sel.sum()})")
         ax.axvline(m.threshold, color="k", ls="--", lw=1)
         ax.set_ylabel(g, fontsize=8)
         ax.legend(fontsize=7)
