@@ -19,7 +19,7 @@ from worker.cli import subcommand_names
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
-DOCS = ROOT / "docs" / "operations.md"
+DOCS = ROOT / "README.md"
 UNITS = sorted((DEPLOY / "systemd").glob("*.service"))
 VENV_BIN = "/opt/cxr-triage/venv/bin"
 # CXR_ words that are AE titles or the config-file variable, not settings.
@@ -193,6 +193,6 @@ def test_every_setting_is_documented_in_the_settings_table() -> None:
     rows = {m.group(1): m.group(2) for m in
             re.finditer(r"^\| `([a-z_]+)` \| `(CXR_[A-Z_]+)` \|", DOCS.read_text(), flags=re.M)}
     missing = [n for n in setting_names() if n not in rows]
-    assert not missing, f"settings missing from docs/operations.md: {missing}"
+    assert not missing, f"settings missing from the README: {missing}"
     assert all(env == f"CXR_{name.upper()}" for name, env in rows.items())
     assert set(rows) <= set(setting_names()), set(rows) - set(setting_names())

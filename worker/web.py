@@ -312,7 +312,7 @@ class WebServer(ThreadingHTTPServer):
 
         self.settings = settings
         self.db = Database(settings)
-        # The database gauges, scraped here once per installation (docs/operations.md).
+        # The database gauges, scraped here once per installation (README, "Monitoring").
         self.registry = CollectorRegistry()
         self.registry.register(DatabaseCollector(self.db))
         super().__init__((host, port), _Handler)
