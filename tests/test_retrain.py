@@ -159,19 +159,40 @@ def test_nightly_trains_on_received_studies_labelled_through_import(  # type: ig
 def test_a_crash_mid_run_leaves_the_champion_untouched(  # type: ignore[no-untyped-def]
     make_settings, sqlite_url: str, tmp_path: Path
 ) -> None:
+    """The champion's file is damaged on disk: the run stops when it checks the hash, is
+    recorded as failed with the reason, and production stays as it was."""
     from tests.support.trainer_db import fake_production_model
 
     s = _tiny(make_settings, sqlite_url)
     db = Database(s)
     champion = fake_production_model(db, tmp_path)
+    champion_path = Path(production_model(db).path)  # type: ignore[union-attr]
+    with open(champion_path, "ab") as f:
+        f.write(b"bit rot")
     data = write_folder(tmp_path / "ds", n_patients=40, seed=3)
-    (data / "images" / "synthetic-p0-0.png").write_bytes(b"not an image at all")
     out = run_nightly(s, [data], force=True, train_overrides=FAST)
     assert out.exit_code == 1 and out.status == "failed"
-    assert "synthetic-p0-0.png" in out.reasons[0]
+    assert "sha256" in out.reasons[0].lower() or "checksum" in out.reasons[0].lower()
     assert production_model(db).version == champion  # type: ignore[union-attr]
     assert [m.version for m in list_models(db)] == [champion]
     with db.session() as session:
         run = session.scalars(select(RetrainRun)).one()
         assert run.status == "failed" and run.finished_at is not None
     db.dispose()
+
+
+@pytest.mark.slow
+def test_an_unreadable_image_is_left_out_and_reported(  # type: ignore[no-untyped-def]
+    make_settings, sqlite_url: str, tmp_path: Path
+) -> None:
+    """One damaged file must not stop every later night's training."""
+    s = _tiny(make_settings, sqlite_url)
+    data = write_folder(tmp_path / "ds", n_patients=40, seed=3)
+    (data / "images" / "synthetic-p0-0.png").write_bytes(b"not an image at all")
+    out = run_nightly(s, [data], force=True, train_overrides=FAST)
+    assert out.exit_code == EXIT_OK and out.decision == "promoted", out.reasons
+    left_out = [r for r in out.reasons if "left out as unreadable" in r]
+    assert len(left_out) == 1 and "synthetic-p0-0.png" in left_out[0]
+    used = {r.key for part in out.splits.values() for r in part}
+    assert not any("synthetic-p0-0.png" in key for key in used)
+    assert out.report is not None and "synthetic-p0-0.png" in Path(out.report).read_text()

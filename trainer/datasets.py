@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,11 @@ from sqlalchemy import select
 from db.models import Instance, Label, Study
 from db.session import Database
 from db.settings import Settings
+from dicom_node.errors import BadInputError
+from dicom_node.pixels import load_image_file
 from trainer.labels import parse_label
+
+log = logging.getLogger(__name__)
 
 
 class DatasetError(ValueError):
@@ -167,3 +172,20 @@ __all__ = [
     "load_records",
     "rule_matches",
 ]
+
+
+def drop_unreadable(records: Sequence[ImageRecord]) -> tuple[list[ImageRecord], list[str]]:
+    """The records whose image decodes, and one ``"<key>: <reason>"`` line for each one
+    that does not.  A damaged file or an undecodable study must not stop every later
+    night's training; it is left out, logged and reported instead."""
+    usable: list[ImageRecord] = []
+    skipped: list[str] = []
+    for record in records:
+        try:
+            load_image_file(record.path)
+        except (BadInputError, OSError) as exc:
+            skipped.append(f"{record.key}: {exc}")
+            log.warning("training image left out key=%s reason=%s", record.key, exc)
+            continue
+        usable.append(record)
+    return usable, skipped

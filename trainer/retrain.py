@@ -41,7 +41,13 @@ from db.models import Evaluation, RetrainRun, utcnow
 from db.session import Database
 from db.settings import Settings, SettingsError, load_settings
 from trainer.checkpoint import LoadedModel, load_checkpoint, save_checkpoint
-from trainer.datasets import DatasetError, ImageRecord, describe, load_records
+from trainer.datasets import (
+    DatasetError,
+    ImageRecord,
+    describe,
+    drop_unreadable,
+    load_records,
+)
 from trainer.drift import (
     deployed_record,
     drift_summary,
@@ -228,7 +234,7 @@ def _train_and_decide(db: Database, settings: Settings, datasets: list[Path], dr
     assert outcome.run_id is not None
     run_id = outcome.run_id
     t0 = time.perf_counter()
-    records = load_records(db, settings, datasets)
+    records, unreadable = drop_unreadable(load_records(db, settings, datasets))
     parts = split_records(records, settings.split_key, settings.split_fractions)
     train, val, test = parts[Split.TRAIN], parts[Split.VALIDATION], parts[Split.TEST]
     outcome.splits = {"train": train, "validation": val, "test": test}
@@ -253,6 +259,9 @@ def _train_and_decide(db: Database, settings: Settings, datasets: list[Path], dr
                                                target_sensitivity=settings.target_sensitivity)
     y = np.array([r.label for r in test])
     promote_ok, reasons = compare(champ_eval, chal_eval, settings)
+    if unreadable:
+        shown = "; ".join(unreadable[:20]) + (" …" if len(unreadable) > 20 else "")
+        reasons.append(f"{len(unreadable)} image(s) left out as unreadable: {shown}")
     if champ_p is not None:
         paired = delong_paired(y, champ_p, chal_p)
         if paired["diff"] is not None:
@@ -297,6 +306,7 @@ def _train_and_decide(db: Database, settings: Settings, datasets: list[Path], dr
                "train / validation / test images": f"{len(train)} / {len(val)} / {len(test)}",
                "test patients": len({r.patient_key for r in test}),
                "new labels since last run": len(new_ids),
+               "images left out as unreadable": len(unreadable),
                "validation AUC": result.val_metrics.get("auc"),
                "threshold (validation, target sensitivity "
                f"{settings.target_sensitivity})": meta.threshold,
