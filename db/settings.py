@@ -140,6 +140,10 @@ class Settings:
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     backbone: str = "efficientnet_lite0"
     input_size: int = 320
+    train_contrast: str = "clahe"  # none, clahe or equalize
+    train_cutoff: str = "block15"  # stages before this one stay frozen (features cached)
+    train_views: int = 3  # cached views per training image: 1 plain + augmented ones
+    train_balance: str = "class"  # class, or source_class (every source/class cell equal)
     epochs: int = 8
     batch_size: int = 16
     seed: int = 1234
@@ -290,6 +294,12 @@ def _validate(s: Settings) -> None:
         raise SettingsError("max_associations must be at least 1")
     if not 0.0 < s.target_sensitivity < 1.0:
         raise SettingsError("target_sensitivity must lie strictly between 0 and 1")
+    if s.train_contrast not in ("none", "clahe", "equalize"):
+        raise SettingsError(f"train_contrast {s.train_contrast!r} must be none, clahe or equalize")
+    if s.train_balance not in ("class", "source_class"):
+        raise SettingsError(f"train_balance {s.train_balance!r} must be class or source_class")
+    if s.train_views < 1:
+        raise SettingsError("train_views must be at least 1")
     if bool(s.tls_cert) != bool(s.tls_key):
         raise SettingsError("tls_cert and tls_key must be given together")
 

@@ -88,12 +88,19 @@ class TrainConfig:
         base = cls(architecture=settings.backbone, input_size=settings.input_size,
                    epochs=settings.epochs, batch_size=settings.batch_size,
                    seed=settings.seed, target_sensitivity=settings.target_sensitivity,
-                   device=settings.device)
+                   device=settings.device, contrast=settings.train_contrast,
+                   cutoff=_cutoff(settings.train_cutoff), views=settings.train_views,
+                   balance=settings.train_balance)
         return replace(base, **overrides)
 
     def public(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Augmentation) else v)
                 for k, v in self.__dict__.items()}
+
+
+def _cutoff(text: str) -> int | str:
+    """A cutoff setting: a stage name such as ``block15``, or a stage index."""
+    return int(text) if text.isdigit() else text
 
 
 @dataclass
