@@ -7,13 +7,13 @@ can be deterministic).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset
+
+from dicom_node.atomic import write_atomically
 
 
 @dataclass(frozen=True)
@@ -73,24 +73,8 @@ def write_dataset(ds: Dataset, directory: Path) -> Path:
     directory is fsynced, so a crash leaves either the whole file or none: the delivery
     worker never sends half an object.
     """
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / f"{ds.SOPInstanceUID}.dcm"
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            ds.save_as(fh, enforce_file_format=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return target
+    return write_atomically(directory / f"{ds.SOPInstanceUID}.dcm",
+                            lambda fh: ds.save_as(fh, enforce_file_format=True))
 
 
 __all__ = [

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dicom_node.atomic import write_atomically
 from dicom_node.pixels import CONTRAST_METHODS
 from trainer.architectures import build_model, normalisation
 
@@ -119,14 +118,6 @@ class LoadedModel:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(path: Path, model: nn.Module, meta: ModelMeta) -> str:
     """Write ``model``'s weights and ``meta`` atomically to ``path``; return the sha256.
 
@@ -140,17 +131,7 @@ def save_checkpoint(path: Path, model: nn.Module, meta: ModelMeta) -> str:
     torch.save({"format": FORMAT, "meta": meta.to_dict(), "state_dict": state}, buffer)
     payload = buffer.getvalue()
     digest = hashlib.sha256(payload).hexdigest()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    write_atomically(path, lambda fh: fh.write(payload))
     return digest
 
 

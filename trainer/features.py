@@ -47,14 +47,18 @@ def supports_split(architecture: str) -> bool:
     return architecture == "efficientnet_lite0" or architecture.startswith("resnet")
 
 
-class _Prefix(nn.Module):
-    """Stages ``[0, k)`` of a backbone, with the activations that sit between stages."""
+class _Part(nn.Module):
+    """One side of a backbone split at stage ``k`` (shares the backbone's modules)."""
 
     def __init__(self, model: nn.Module, architecture: str, k: int) -> None:
         super().__init__()
         self.m: Any = model
         self.arch = architecture
         self.k = k
+
+
+class _Prefix(_Part):
+    """Stages ``[0, k)`` of a backbone, with the activations that sit between stages."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m, k = self.m, self.k
@@ -75,14 +79,8 @@ class _Prefix(nn.Module):
         return x
 
 
-class _Suffix(nn.Module):
+class _Suffix(_Part):
     """Stages ``[k, end)``: turns cached features into one logit."""
-
-    def __init__(self, model: nn.Module, architecture: str, k: int) -> None:
-        super().__init__()
-        self.m: Any = model
-        self.arch = architecture
-        self.k = k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m, k = self.m, self.k

@@ -12,8 +12,6 @@ Both return float32 maps in [0, 1] mapped back through the image's :class:`Lette
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from db.settings import Settings
+from dicom_node.atomic import write_atomically
 from dicom_node.pixels import Letterbox
 from trainer.architectures import gradcam_layer
 from trainer.checkpoint import LoadedModel, resolve_device
@@ -167,19 +166,8 @@ def compute(
 
 def write_heatmap(heatmap: np.ndarray, path: Path) -> Path:
     """Save a [0, 1] map as ``.npy`` float16, atomically (temp + fsync + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, np.clip(np.asarray(heatmap, dtype=np.float32), 0, 1).astype(np.float16))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    values = np.clip(np.asarray(heatmap, dtype=np.float32), 0, 1).astype(np.float16)
+    return write_atomically(Path(path), lambda fh: np.save(fh, values))
 
 
 def heatmap_path(settings: Settings, study_uid: str, sop_instance_uid: str) -> Path:
