@@ -61,7 +61,7 @@ def test_nightly_learns_from_listener_studies_labelled_by_the_cli(  # type: igno
         split_fractions=(0.5, 0.25, 0.25), input_size=64, epochs=3, batch_size=16)
     node = start_node(settings, run_stability=False)
     try:
-        sent = _send_studies(node.port, settings.ae_title, n_patients=40)
+        sent = _send_studies(node.port, settings.ae_title, n_patients=64)
     finally:
         node.stop()
     db = Database(settings)

@@ -130,7 +130,7 @@ def test_nightly_trains_on_received_studies_labelled_through_import(  # type: ig
     s = _tiny(make_settings, database_url)
     db = Database(s)
     lines = ["study_uid,accession_number,label,source,date"]
-    for p in range(40):
+    for p in range(64):  # enough test patients for a steady AUC
         positive = p % 2 == 0
         for k in range(1 + p % 2):  # some patients have two studies
             uid = spool_study(db, s, patient_id=f"MRN{p:04d}", positive=positive,
