@@ -24,8 +24,14 @@ def alembic_config(url: str | None = None) -> Config:
 def upgrade(engine: Engine) -> None:
     """Bring the schema to the newest revision.  Safe to call from several processes:
     migrations run in one transaction, and a second caller finds nothing to do."""
-    with engine.begin() as conn:
-        cfg = alembic_config()
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
-    log.debug("database schema at head url=%s", engine.url.render_as_string(hide_password=True))
+    alembic_log = logging.getLogger("alembic")
+    level = alembic_log.level
+    alembic_log.setLevel(logging.WARNING)  # its plugin set-up is a dozen lines per start
+    try:
+        with engine.begin() as conn:
+            cfg = alembic_config()
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+    finally:
+        alembic_log.setLevel(level)
+    log.info("database schema at head url=%s", engine.url.render_as_string(hide_password=True))
