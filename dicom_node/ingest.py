@@ -335,8 +335,13 @@ def _touch_study(session: Any, header: Header, when: datetime) -> tuple[int, int
 
 
 def _remove(staged: spool.StagedFile) -> None:
-    """Leave nothing behind for an instance that was not recorded."""
+    """Leave nothing of ours behind for an instance that was not recorded.  A file that was
+    at the final path before we published (another process's, possibly acknowledged) is
+    left where it is."""
     if staged.temp.exists():
         staged.discard()
-    else:
+    elif staged.created_final:
         staged.final.unlink(missing_ok=True)
+    else:
+        log.warning("unrecorded instance file left in place sop=%s (present before this store)",
+                    staged.final.stem)

@@ -72,7 +72,7 @@ def check_free_space(spool_dir: Path, min_free_mb: int, incoming_bytes: int = 0)
         )
 
 
-@dataclass(frozen=True)
+@dataclass
 class StagedFile:
     """A complete, fsync'ed temporary file waiting to be published under ``final``."""
 
@@ -80,11 +80,23 @@ class StagedFile:
     final: Path
     size: int
     sha256: str
+    #: True once :meth:`publish` created ``final``; False where a file was already there
+    #: (another listener process sharing the spool, or an unrecorded leftover of a crash).
+    created_final: bool = False
 
     def publish(self) -> None:
-        """Rename into place and fsync the directory: from here the file survives a crash."""
+        """Move into place and fsync the directory: from here the file survives a crash.
+
+        ``final`` is created with a hard link where it is absent, so we know whether the
+        file there is ours: a failed ingest removes only a file it created, never one that
+        another process may already have acknowledged."""
         try:
-            os.replace(self.temp, self.final)
+            try:
+                os.link(self.temp, self.final)
+                self.created_final = True
+                os.unlink(self.temp)
+            except FileExistsError:
+                os.replace(self.temp, self.final)
             fsync_dir(self.final.parent)
         except OSError as exc:
             self.discard()
