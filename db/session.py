@@ -33,12 +33,14 @@ def make_engine(settings: Settings | str) -> Engine:
             url,
             connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
             pool_pre_ping=True,
+            hide_parameters=True,  # error texts are logged; parameters hold patient IDs
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://"):]
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10,
+                         hide_parameters=True)  # error texts are logged; see above
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -99,3 +99,15 @@ def test_default_database_is_sqlite_under_data_dir(tmp_path: Path) -> None:
     s = load_settings(env={"CXR_DATA_DIR": str(tmp_path)})
     assert s.effective_database_url == f"sqlite:///{tmp_path.resolve()}/cxr-triage.db"
     assert s.uses_embedded_broker
+
+
+def test_database_errors_never_carry_patient_identifiers(settings: Settings) -> None:
+    """Error texts end up in log lines; the statement's parameters must not be in them."""
+    db = Database(settings)
+    with db.session() as s:
+        s.add(Study(study_uid="1.2.9", patient_id="MRN-SECRET-42", accession_number="ACC-7"))
+    with pytest.raises(IntegrityError) as caught, db.session() as s:
+        s.add(Study(study_uid="1.2.9", patient_id="MRN-SECRET-42", accession_number="ACC-7"))
+    assert "MRN-SECRET-42" not in str(caught.value)
+    assert "ACC-7" not in str(caught.value)
+    db.dispose()
