@@ -119,12 +119,14 @@ def _drain(settings: Settings, queue: str) -> list[tuple[str, list[int]]]:
 def test_reconciler_republishes_lost_work(db: Database, settings: Settings,
                                           tmp_path: Path) -> None:
     """Runs on the embedded filesystem broker: the messages are real files a worker reads."""
-    settings = settings.replace(reconcile_after_seconds=60)
+    settings = settings.replace(reconcile_after_seconds=60, visibility_timeout=100)
     app = make_celery(settings)
     now = utcnow()
     old = now - timedelta(seconds=120)
     queued = _study(db, settings, tmp_path / "q")
     analysing = _study(db, settings, tmp_path / "a", state=StudyState.ANALYSING, generation=2)
+    # Older than reconcile_after but within the visibility timeout: may still be running.
+    running = _study(db, settings, tmp_path / "r", state=StudyState.ANALYSING)
     fresh = _study(db, settings, tmp_path / "f")
     done = _study(db, settings, tmp_path / "d", state=StudyState.DONE)
     with db.session() as s:
@@ -133,6 +135,9 @@ def test_reconciler_republishes_lost_work(db: Database, settings: Settings,
             assert st is not None
             st.updated_at = old
             st.published_at = old
+        st = s.get(Study, running)
+        assert st is not None
+        st.updated_at = st.published_at = now - timedelta(seconds=80)
         common = dict(study_id=done, kind="sr", path="/x", deadline_at=now + timedelta(days=1))
         s.add_all([
             Delivery(sop_instance_uid="1.2.3.1", destination="A@h:1", updated_at=old,
@@ -146,7 +151,7 @@ def test_reconciler_republishes_lost_work(db: Database, settings: Settings,
         ])
     report = reconcile_once(db, settings, app, now)
     assert sorted(report.studies) == sorted([queued, analysing])
-    assert fresh not in report.studies
+    assert fresh not in report.studies and running not in report.studies
     with db.session() as s:
         ids = dict(s.execute(select(Delivery.sop_instance_uid, Delivery.id)).all())
         states = dict(s.execute(select(Delivery.sop_instance_uid, Delivery.state)).all())

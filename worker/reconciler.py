@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import and_, or_, select
 
 from db.broker import ANALYSE_TASK
 from db.models import Delivery, DeliveryState, Study, StudyState, utcnow
@@ -46,12 +46,20 @@ def reconcile_once(db: Database, settings: Settings, celery_app: Publisher,
     now = now or utcnow()
     cutoff = now - timedelta(seconds=settings.reconcile_after_seconds)
     report = ReconcileReport()
+    # An analysis may legitimately run until the task time limit (a fraction of the
+    # visibility timeout, after which Redis redelivers by itself): only then is an
+    # ``analysing`` study presumed lost, or a slow occlusion map would be computed twice.
+    running_cutoff = now - timedelta(seconds=max(settings.reconcile_after_seconds,
+                                                 settings.visibility_timeout))
     with db.session() as s:
         studies = s.scalars(
             select(Study).where(
-                Study.state.in_([StudyState.QUEUED, StudyState.ANALYSING]),
+                or_(
+                    and_(Study.state == StudyState.QUEUED, Study.updated_at <= cutoff),
+                    and_(Study.state == StudyState.ANALYSING,
+                         Study.updated_at <= running_cutoff),
+                ),
                 or_(Study.published_at.is_(None), Study.published_at <= cutoff),
-                Study.updated_at <= cutoff,
             ).order_by(Study.id)
         ).all()
         for study in studies:
