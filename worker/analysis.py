@@ -148,8 +148,12 @@ def claim(
         if existing is not None:
             return Outcome(study_id, "duplicate", "analysis already stored", existing.id)
         study.attempts = (study.attempts or 0) + 1
-        if study.attempts > settings.max_analysis_attempts:
-            reason = (f"gave up after {settings.max_analysis_attempts} attempts "
+        # Every claim counts, Celery's own retries after transient faults included; those
+        # retries get their own budget (task_max_retries) on top of the redeliveries', so
+        # the last retry still runs and records the real error (see worker.tasks).
+        budget = settings.max_analysis_attempts + settings.task_max_retries
+        if study.attempts > budget:
+            reason = (f"gave up after {budget} attempts "
                       "(worker lost or message redelivered)")
             _record_failure(s, study, model.id, generation, reason, now)
             return Outcome(study_id, "gave_up", reason)
