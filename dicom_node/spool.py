@@ -65,7 +65,10 @@ def fsync_dir(path: Path) -> None:
 
 def check_free_space(spool_dir: Path, min_free_mb: int, incoming_bytes: int = 0) -> None:
     """Raise :class:`SpoolFullError` when writing ``incoming_bytes`` would leave too little."""
-    free = shutil.disk_usage(spool_dir).free
+    try:
+        free = shutil.disk_usage(spool_dir).free
+    except OSError as exc:  # missing or unmounted spool: refuse rather than write elsewhere
+        raise SpoolWriteError(f"cannot read free space of {spool_dir}: {exc}") from exc
     if free - incoming_bytes < min_free_mb * _MIB:
         raise SpoolFullError(
             f"free space {free // _MIB} MiB under {spool_dir} is below min_free_mb={min_free_mb}"

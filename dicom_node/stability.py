@@ -124,6 +124,8 @@ class StabilityLoop:
                 run_stability_pass(self.db, self.settings, self.publisher)
             except SQLAlchemyError as exc:
                 log.warning("stability pass failed, retrying next tick: %s", exc)
+            except Exception:  # a bug must not stop queueing for good while stores go on
+                log.exception("stability pass failed unexpectedly, retrying next tick")
             self._stop.wait(self.settings.scheduler_interval)
 
     def stop(self, timeout: float = 10.0) -> None:

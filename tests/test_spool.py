@@ -56,3 +56,11 @@ def test_stale_temp_files_removed(tmp_path: Path) -> None:
     kept.publish()
     assert spool.remove_stale_temp_files(tmp_path) == [staged.temp]
     assert [p.name for p in (tmp_path / "1.2.3").iterdir()] == ["1.2.3.7.dcm"]
+
+
+def test_missing_spool_is_refused_as_transient(tmp_path: Path) -> None:
+    """An unmounted or deleted spool gets 0xA700 (a TransientError), never a write elsewhere."""
+    from dicom_node.errors import TransientError
+
+    with pytest.raises(TransientError):
+        spool.check_free_space(tmp_path / "not-mounted", 0)

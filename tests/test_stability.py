@@ -150,3 +150,51 @@ def test_restart_picks_up_receiving_and_unpublished_studies(node_settings: Setti
         assert _messages(queue) == [(ANALYSE_TASK, [i, 1]) for i in ids]
     finally:
         second.stop()
+
+
+class _FlakyPublisher:
+    """Publishes through a real Celery client, after failing once in an unexpected way."""
+
+    def __init__(self, real: CeleryPublisher) -> None:
+        self.real = real
+        self.calls = 0
+
+    def publish(self, study_id: int, generation: int) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("unexpected fault in the first pass")
+        self.real.publish(study_id, generation)
+
+    def close(self) -> None:
+        self.real.close()
+
+
+def test_loop_survives_an_unexpected_error(make_settings, sqlite_url: str,  # type: ignore[no-untyped-def]
+                                           tmp_path: Path) -> None:
+    from db.session import Database
+    from dicom_node.stability import StabilityLoop
+
+    tag = uuid.uuid4().hex[:10]
+    settings = make_settings(database_url=sqlite_url, stable_seconds=0, scheduler_interval=0.1,
+                             broker_url=f"redis://{REDIS_HOST}:{REDIS_PORT}/0",
+                             inference_queue=f"inference-{tag}")
+    db = Database(settings)
+    node = start_node(settings.replace(port=0), db=db, run_stability=False)
+    try:
+        files = make_study_files(tmp_path / "in", n=1)
+        assert send_files_pynetdicom(node.port, files, ExplicitVRLittleEndian,
+                                     "1.2.840.10008.5.1.4.1.1.1.1") == [0]
+    finally:
+        node.stop()
+    publisher = _FlakyPublisher(CeleryPublisher(settings))
+    loop = StabilityLoop(db, settings, publisher)
+    loop.start()
+    try:
+        wait_until(lambda: publisher.calls >= 2, 30, what="a second pass after the failure")
+        client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT)
+        wait_until(lambda: client.llen(settings.inference_queue) == 1, 30,
+                   what="the study published")
+        client.delete(settings.inference_queue)
+    finally:
+        loop.stop()
+        db.dispose()
