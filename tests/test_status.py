@@ -43,10 +43,15 @@ def test_status_json_lists_studies_predictions_deliveries_and_summary(
     assert done["prediction"]["positive"] is True
     assert done["prediction"]["model_version"] == pop.model_version
     assert done["prediction"]["heatmap_method"] == "gradcam"
+    assert (done["probability"], done["positive"], done["model_version"],
+            done["heatmap_method"]) == (pytest.approx(0.87), True, pop.model_version, "gradcam")
     kinds = {(d["kind"], d["state"], d["attempts"]) for d in done["deliveries"]}
     assert kinds == {("sr", "delivered", 1), ("sc", "failed", 7)}
     assert by_uid[pop.failed_uid]["reason"] == "no scorable image: abdomen OT"
     assert by_uid[pop.queued_uid]["prediction"] is None
+    assert {k: by_uid[pop.queued_uid][k] for k in
+            ("probability", "positive", "model_version", "heatmap_method")} == dict.fromkeys(
+        ("probability", "positive", "model_version", "heatmap_method"))
 
     summ = data["summary"]
     assert summ["studies_by_state"]["done"] == 1

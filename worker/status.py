@@ -138,6 +138,13 @@ def list_studies(s: Session, query: StatusQuery = StatusQuery()) -> list[dict[st
                 "updated_at": _iso(st.updated_at),
                 "reason": st.reason,
                 "generation": st.generation,
+                # The latest call, at the top level where operators' scripts read it ...
+                "probability": analysis.probability if analysis is not None else None,
+                "positive": analysis.positive if analysis is not None else None,
+                "model_version": (analysis.model_version.version if analysis is not None
+                                  and analysis.model_version is not None else None),
+                "heatmap_method": analysis.heatmap_method if analysis is not None else None,
+                # ... and the analysis behind it in full.
                 "prediction": prediction_dict(analysis),
                 "heatmaps": heatmaps.get(analysis.id, []) if analysis is not None else [],
                 "deliveries": [delivery_dict(d) for d in deliveries.get(st.id, [])],
