@@ -29,6 +29,7 @@ from db.session import Database
 from db.settings import Settings
 from dicom_node.errors import BadInputError
 from dicom_node.pixels import load_image_file
+from dicom_node.selection import select_instances
 from trainer.labels import parse_label
 
 log = logging.getLogger(__name__)
@@ -89,21 +90,6 @@ def folder_records(root: Path) -> list[ImageRecord]:
     return out
 
 
-def rule_matches(rule: dict[str, Any], inst: Instance, n_in_study: int) -> bool:
-    """One selection rule against an instance's recorded header fields."""
-    fields = {"Modality": inst.modality, "ViewPosition": inst.view_position,
-              "BodyPartExamined": inst.body_part}
-    if rule.get("single_image_only") and n_in_study != 1:
-        return False
-    for attr, allowed in rule.items():
-        if attr in ("name", "single_image_only"):
-            continue
-        value = (fields.get(attr) or "").strip().upper()
-        if value not in {str(a).upper() for a in allowed}:
-            return False
-    return True
-
-
 def database_records(db: Database, settings: Settings) -> list[ImageRecord]:
     """Images of every study with a current label, as the worker would select them."""
     out: list[ImageRecord] = []
@@ -118,8 +104,14 @@ def database_records(db: Database, settings: Settings) -> list[ImageRecord]:
             instances = s.scalars(
                 select(Instance).where(Instance.study_id == study.id).order_by(Instance.id)
             ).all()
-            for inst in instances:
-                if not any(rule_matches(r, inst, len(instances)) for r in settings.selection_rules):
+            # The worker's own selection code, so training sees the images inference scores.
+            headers = [{"Modality": i.modality, "ViewPosition": i.view_position,
+                        "BodyPartExamined": i.body_part, "SOPClassUID": i.sop_class_uid}
+                       for i in instances]
+            chosen = {sel.index for sel in select_instances(headers, settings.selection_rules)
+                      if sel.scored}
+            for index, inst in enumerate(instances):
+                if index not in chosen:
                     continue
                 path = Path(inst.path)
                 if not path.is_absolute():
@@ -170,7 +162,7 @@ __all__ = [
     "describe",
     "folder_records",
     "load_records",
-    "rule_matches",
+    "drop_unreadable",
 ]
 
 
