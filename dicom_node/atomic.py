@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 def fsync_dir(directory: Path) -> None:
     """Make a rename or a new entry in ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:

@@ -295,6 +295,10 @@ def _record(db: Database, header: Header, staged: spool.StagedFile, calling_ae: 
             existing = _existing(session, header.sop_uid)
             if existing is not None:
                 staged.discard()
+                if staged.created_final and staged.final != Path(existing.path):
+                    # Published on an earlier try under another study's folder: not a
+                    # file any row refers to, so it must not stay behind.
+                    staged.final.unlink(missing_ok=True)
                 return IngestOutcome(existing.id, existing.study_id, True, Path(existing.path),
                                      None, 0)
         if staged.temp.exists():

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dicom_node.atomic import fsync_dir
 from dicom_node.errors import TransientError
 
 TEMP_PREFIX = ".incoming-"
@@ -53,14 +54,6 @@ def safe_uid_name(uid: str) -> str:
 
 def instance_path(spool_dir: Path, study_uid: str, sop_uid: str) -> Path:
     return spool_dir / safe_uid_name(study_uid) / f"{safe_uid_name(sop_uid)}.dcm"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def check_free_space(spool_dir: Path, min_free_mb: int, incoming_bytes: int = 0) -> None:

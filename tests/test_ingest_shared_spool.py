@@ -42,3 +42,25 @@ def test_failed_record_leaves_a_file_it_did_not_create(make_settings, sqlite_url
                       "STORESCU", 0)
     assert sorted(p.name for p in final.parent.iterdir()) == [final.name]
     read_only.dispose()
+
+
+def test_known_sop_under_another_study_leaves_no_stray_file(  # type: ignore[no-untyped-def]
+        make_settings, database_url: str) -> None:
+    settings = make_settings(database_url=database_url)
+    db = Database(settings)
+
+    def store(study_uid: str) -> ingest.IngestOutcome:
+        ds = make_cxr(study_uid=study_uid, sop_uid="1.2.826.0.1.3680043.77.1")
+        body = encode(ds, False, True)
+        assert body is not None
+        header = ingest.parse_header(body, str(ds.file_meta.TransferSyntaxUID))
+        chunks = (b"\x00" * 128 + b"DICM" + encode_file_meta(ds.file_meta), body)
+        return ingest.ingest(db, settings.spool_dir, header, chunks, "STORESCU", 0)
+
+    first = store("1.2.826.0.1.3680043.77.10")
+    again = store("1.2.826.0.1.3680043.77.20")
+    assert not first.duplicate and again.duplicate
+    files = sorted(p.relative_to(settings.spool_dir) for p in settings.spool_dir.rglob("*")
+                   if p.is_file())
+    assert files == [first.path.relative_to(settings.spool_dir)]
+    db.dispose()
