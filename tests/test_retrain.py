@@ -196,3 +196,29 @@ def test_an_unreadable_image_is_left_out_and_reported(  # type: ignore[no-untype
     used = {r.key for part in out.splits.values() for r in part}
     assert not any("synthetic-p0-0.png" in key for key in used)
     assert out.report is not None and "synthetic-p0-0.png" in Path(out.report).read_text()
+
+
+@pytest.mark.slow
+def test_dry_run_trains_and_reports_but_changes_nothing(  # type: ignore[no-untyped-def]
+    make_settings, sqlite_url: str, tmp_path: Path
+) -> None:
+    s = _tiny(make_settings, sqlite_url)
+    data = write_folder(tmp_path / "ds", n_patients=40, seed=5)
+    first = run_nightly(s, [data], train_overrides=FAST)
+    assert first.exit_code == EXIT_OK and first.decision == "promoted"
+    db = Database(s)
+    champion = production_model(db).version  # type: ignore[union-attr]
+    model_files = sorted(p.name for p in s.models_dir.iterdir())
+
+    dry = run_nightly(s, [data], dry_run=True, force=True, train_overrides=FAST)
+    assert dry.exit_code == EXIT_OK and dry.status == "done" and dry.decision == "none"
+    assert dry.report is not None and Path(dry.report).is_file()
+    assert production_model(db).version == champion  # type: ignore[union-attr]
+    assert [m.version for m in list_models(db)] == [champion]
+    assert sorted(p.name for p in s.models_dir.iterdir()) == model_files
+    with db.session() as session:
+        runs = session.scalars(select(RetrainRun).order_by(RetrainRun.id)).all()
+        assert [(r.dry_run, r.status) for r in runs] == [(False, "done"), (True, "done")]
+        assert session.scalars(select(Evaluation).where(Evaluation.run_id == runs[1].id)
+                               ).all() == []
+    db.dispose()
