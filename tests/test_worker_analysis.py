@@ -160,3 +160,13 @@ def test_reanalysis_with_promoted_model_references_previous_sr(
             for series in study.ReferencedSeriesSequence
             for inst in series.ReferencedSOPSequence]
     assert refs == [first_sr]
+    # Redelivery on request sends the current results only, not the superseded ones.
+    from db.broker import make_celery
+    from worker.delivery import redeliver
+
+    with db.session() as s:
+        current = set(s.scalars(select(Delivery.id).where(Delivery.analysis_id == rows[1].id)))
+        study_uid = s.scalars(select(Study.study_uid).where(Study.id == study_id)).one()
+        assert s.scalars(select(Delivery.id).where(Delivery.analysis_id == rows[0].id)).all()
+    assert current and set(redeliver(db, wsettings, study_uid, app=make_celery(wsettings))) \
+        == current

@@ -18,11 +18,19 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from db.broker import DELIVER_TASK
-from db.models import Delivery, DeliveryState, Study, as_utc, utcnow
+from db.models import (
+    Analysis,
+    AnalysisState,
+    Delivery,
+    DeliveryState,
+    Study,
+    as_utc,
+    utcnow,
+)
 from db.session import Database
 from db.settings import Destination, Settings
 from dicom_node.errors import BadInputError
@@ -192,8 +200,13 @@ def redeliver(db: Database, settings: Settings, study_uid: str,
         study = s.scalars(select(Study).where(Study.study_uid == study_uid)).first()
         if study is None:
             raise LookupError(f"no study with Study Instance UID {study_uid}")
-        rows = s.scalars(select(Delivery).where(Delivery.study_id == study.id)
-                         .order_by(Delivery.id)).all()
+        # Only the current results: a superseded analysis's objects are not sent again.
+        rows = s.scalars(
+            select(Delivery)
+            .outerjoin(Analysis, Analysis.id == Delivery.analysis_id)
+            .where(Delivery.study_id == study.id,
+                   or_(Analysis.id.is_(None), Analysis.state != AnalysisState.SUPERSEDED))
+            .order_by(Delivery.id)).all()
         ids: list[int] = []
         for row in rows:
             if row.state == DeliveryState.SENDING:
