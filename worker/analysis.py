@@ -313,12 +313,10 @@ def score_images(images: list[ImageResult], model: LoadedProductionModel,
 
 def compute_heatmaps(images01: list[np.ndarray], model: LoadedProductionModel,
                      settings: Settings) -> list[np.ndarray]:
-    """Heatmaps at source resolution by ``settings.heatmap_method``: Grad-CAM for the whole
-    study in one pass, occlusion image by image (it batches its own windows)."""
+    """Occlusion maps at source resolution, image by image (each batches its own windows).
+    Grad-CAM is computed with the probabilities in :func:`score_images`."""
     from trainer import heatmaps
 
-    if settings.heatmap_method == "gradcam":
-        return heatmaps.gradcam_batch(model.loaded, images01, model.device)
     return [heatmaps.compute(model.loaded, img, settings, model.device) for img in images01]
 
 

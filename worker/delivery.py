@@ -144,7 +144,11 @@ def deliver(db: Database, settings: Settings, delivery_id: int,
     deadline = as_utc(row.deadline_at)
     assert deadline is not None
     dest = Destination.parse(row.destination)
-    result = send(Path(row.path), dest, settings.delivery_ae_title)
+    try:
+        result = send(Path(row.path), dest, settings.delivery_ae_title)
+    except Exception as exc:  # the sender reports outcomes; anything raised is a fault of ours
+        log.exception("delivery send raised delivery_id=%s", delivery_id)
+        result = SendResult(False, None, f"internal error: {type(exc).__name__}: {exc}")
     done_at = now + (utcnow() - started)  # the caller's clock, advanced by the send
     with db.session() as s:
         current = s.get(Delivery, delivery_id, with_for_update=True)
