@@ -1,8 +1,11 @@
 """Typed settings for every cxr-triage process.
 
-One frozen object, built by :func:`load_settings` from ``CXR_*`` environment variables,
-an optional TOML config file (``CXR_CONFIG``) and explicit overrides, in rising order of
-precedence.  Code receives a :class:`Settings`; nothing reads the environment elsewhere.
+One frozen object, built by :func:`load_settings` from defaults, an optional TOML config
+file (``--config`` or ``CXR_CONFIG``), ``CXR_*`` environment variables and explicit
+overrides (the command line), in rising order of precedence.  Every value is checked at
+load: a bad one raises :class:`SettingsError` with one line naming the setting, and the
+entry points turn that into exit code 2.  Code receives a :class:`Settings`; nothing reads
+the environment elsewhere.
 """
 
 from __future__ import annotations
@@ -10,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -48,7 +52,70 @@ class Destination:
         return f"{self.ae_title}@{self.host}:{self.port}"
 
 
-DEFAULT_SELECTION_RULES: tuple[dict[str, Any], ...] = (
+#: The header attributes a selection rule may test.
+RULE_ATTRIBUTES = ("Modality", "ViewPosition", "BodyPartExamined", "SOPClassUID")
+
+
+@dataclass(frozen=True, eq=False)
+class SelectionRule(Mapping[str, Any]):
+    """One selection rule, checked at load: a name, attribute lists, ``single_image_only``.
+
+    An attribute left out accepts any value; an unknown key or a value that is not a list
+    of strings is a :class:`SettingsError`, so a typo can never match everything.  It
+    reads like the dict it was written as (``rule["Modality"]``, ``rule.get("name")``).
+    """
+
+    name: str
+    attributes: tuple[tuple[str, tuple[str, ...]], ...]
+    single_image_only: bool = False
+
+    @classmethod
+    def parse(cls, raw: Any, index: int = 0) -> SelectionRule:
+        if isinstance(raw, SelectionRule):
+            return raw
+        where = f"selection_rules[{index}]"
+        if not isinstance(raw, Mapping):
+            raise SettingsError(f"{where} must be an object, not {type(raw).__name__}")
+        unknown = sorted(set(raw) - {"name", "single_image_only", *RULE_ATTRIBUTES})
+        if unknown:
+            raise SettingsError(f"{where}: unknown key {unknown[0]!r} (allowed: name, "
+                                f"single_image_only, {', '.join(RULE_ATTRIBUTES)})")
+        name = raw.get("name", f"rule {index + 1}")
+        if not isinstance(name, str) or not name.strip():
+            raise SettingsError(f"{where}: name must be a non-empty string")
+        single = raw.get("single_image_only", False)
+        if not isinstance(single, bool):
+            raise SettingsError(f"{where}: single_image_only must be true or false")
+        attributes: list[tuple[str, tuple[str, ...]]] = []
+        for key in RULE_ATTRIBUTES:
+            if key not in raw:
+                continue
+            values = raw[key]
+            if not isinstance(values, list | tuple) or not values or \
+                    not all(isinstance(v, str) for v in values):
+                raise SettingsError(f"{where}: {key} must be a non-empty list of strings, "
+                                    f"not {values!r}")
+            attributes.append((key, tuple(v.strip() for v in values)))
+        return cls(name.strip(), tuple(attributes), single)
+
+    def _as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name}
+        out.update({key: list(values) for key, values in self.attributes})
+        if self.single_image_only:
+            out["single_image_only"] = True
+        return out
+
+    def __getitem__(self, key: str) -> Any:
+        return self._as_dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._as_dict())
+
+    def __len__(self) -> int:
+        return len(self._as_dict())
+
+
+_DEFAULT_RULE_DICTS: tuple[dict[str, Any], ...] = (
     # Each rule scores an instance when every listed attribute matches one of its values.
     # "" matches an absent or empty attribute.  "single_image_only" accepts the rule only
     # where the study holds a single image, so an unlabelled lateral view in a two-view
@@ -80,6 +147,8 @@ DEFAULT_SELECTION_RULES: tuple[dict[str, Any], ...] = (
         "single_image_only": True,
     },
 )
+DEFAULT_SELECTION_RULES: tuple[SelectionRule, ...] = tuple(
+    SelectionRule.parse(r, i) for i, r in enumerate(_DEFAULT_RULE_DICTS))
 
 
 @dataclass(frozen=True)
@@ -104,6 +173,12 @@ class Settings:
     tls_key: Path | None = None
     tls_ca: Path | None = None
 
+    # Listener robustness: every read from a peer is bounded, and dead peers are noticed
+    network_timeout: float = 120.0  # seconds one PDU read (or an idle association) may take
+    acse_timeout: float = 30.0  # seconds for association negotiation
+    dimse_timeout: float = 120.0  # seconds for a DIMSE message
+    tcp_keepalive_seconds: int = 60  # idle seconds before TCP keepalive probes (0: off)
+
     # Scheduling and Celery
     inference_queue: str = "inference"
     delivery_queue: str = "delivery"
@@ -119,7 +194,7 @@ class Settings:
     occlusion_size: int = 32
     occlusion_stride: int = 16
     occlusion_batch: int = 64
-    selection_rules: tuple[dict[str, Any], ...] = DEFAULT_SELECTION_RULES
+    selection_rules: tuple[SelectionRule, ...] = DEFAULT_SELECTION_RULES
 
     # Delivery
     pacs: tuple[Destination, ...] = ()
@@ -153,7 +228,12 @@ class Settings:
     web_port: int = 8080
     log_level: str = "INFO"
 
-    # ----- derived paths -------------------------------------------------------------
+    # ----- derived values ------------------------------------------------------------
+    @property
+    def any_caller(self) -> bool:
+        """True where ``allowed_callers`` is the explicit ``*``: any calling AE may store."""
+        return "*" in self.allowed_callers
+
     @property
     def spool_dir(self) -> Path:
         return self.data_dir / "spool"
@@ -217,7 +297,8 @@ class Settings:
             if isinstance(value, Path):
                 value = str(value)
             elif isinstance(value, tuple):
-                value = [str(v) if isinstance(v, Destination) else v for v in value]
+                value = [str(v) if isinstance(v, Destination)
+                         else dict(v) if isinstance(v, SelectionRule) else v for v in value]
             if f.name.endswith("_url") and isinstance(value, str) and "@" in value:
                 scheme, _, rest = value.partition("://")
                 value = f"{scheme}://***@{rest.split('@', 1)[1]}"
@@ -247,9 +328,9 @@ def _coerce(name: str, raw: Any) -> Any:
             )
         if name == "selection_rules":
             rules = json.loads(raw) if isinstance(raw, str) else raw
-            if not isinstance(rules, list | tuple) or not all(isinstance(r, dict) for r in rules):
+            if not isinstance(rules, list | tuple):
                 raise SettingsError("selection_rules must be a JSON list of objects")
-            return tuple(dict(r) for r in rules)
+            return tuple(SelectionRule.parse(r, i) for i, r in enumerate(rules))
         if name == "split_fractions":
             parts = raw if isinstance(raw, list | tuple) else str(raw).split(",")
             fr = tuple(float(p) for p in parts)
@@ -273,9 +354,16 @@ def _coerce(name: str, raw: Any) -> Any:
                 return False
             raise SettingsError(f"{name}: {raw!r} is not a boolean")
         if kind is int:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise SettingsError(f"setting {name}: {raw!r} is not a whole number")
             return int(raw)
         if kind is float:
-            return float(raw)
+            if isinstance(raw, bool):
+                raise SettingsError(f"setting {name}: {raw!r} is not a number")
+            value = float(raw)
+            if value != value or value in (float("inf"), float("-inf")):
+                raise SettingsError(f"setting {name}: {raw!r} is not a finite number")
+            return value
         return str(raw)
     except SettingsError:
         raise
@@ -283,11 +371,75 @@ def _coerce(name: str, raw: Any) -> Any:
         raise SettingsError(f"setting {name}: cannot read {raw!r}: {exc}") from exc
 
 
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+#: Numbers that must be strictly positive (a zero timeout or interval would spin or hang).
+_POSITIVE = ("network_timeout", "acse_timeout", "dimse_timeout", "scheduler_interval",
+             "visibility_timeout", "max_pdu", "input_size", "epochs", "batch_size",
+             "occlusion_size", "occlusion_stride", "occlusion_batch")
+
+
+def _check_numbers(s: Settings) -> None:
+    """No negative number anywhere (durations, sizes, counts), and positive where zero is
+    meaningless; ports in range."""
+    for f in dataclasses.fields(s):
+        value = getattr(s, f.name)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if value < 0:
+            raise SettingsError(f"{f.name} must not be negative (got {value})")
+        if f.name in _POSITIVE and value <= 0:
+            raise SettingsError(f"{f.name} must be greater than 0 (got {value})")
+    for name in ("port", "web_port", "metrics_port"):
+        value = getattr(s, name)
+        if not 0 <= value <= 65535:
+            raise SettingsError(f"{name} {value} is out of range 0-65535")
+    for dest in s.pacs:
+        if not 1 <= dest.port <= 65535:
+            raise SettingsError(f"pacs destination {dest} has a port out of range 1-65535")
+
+
+def _check_places(s: Settings) -> None:
+    """The database URL parses, and the data dir is (or can become) a writable folder."""
+    if s.database_url:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            make_url(s.database_url)
+        except (ArgumentError, ValueError) as exc:
+            raise SettingsError("database_url cannot be parsed as a database URL") from exc
+    existing = s.data_dir
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SettingsError(f"data_dir {s.data_dir}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SettingsError(f"data_dir {s.data_dir}: {existing} is not writable")
+
+
+def _check_callers(s: Settings) -> None:
+    if not s.allowed_callers:
+        raise SettingsError("allowed_callers is empty: name the calling AE titles, or '*' "
+                            "to accept any caller")
+    if "*" in s.allowed_callers and len(s.allowed_callers) > 1:
+        raise SettingsError("allowed_callers: '*' accepts any caller and cannot be combined "
+                            "with AE titles")
+    for title in s.allowed_callers:
+        if len(title) > 16 or "\\" in title or not title.isprintable():
+            raise SettingsError(f"allowed_callers: {title!r} is not an AE title")
+
+
 def _validate(s: Settings) -> None:
     if not s.ae_title or len(s.ae_title) > 16:
         raise SettingsError(f"ae_title {s.ae_title!r} must be 1 to 16 characters")
-    if not 0 <= s.port <= 65535:
-        raise SettingsError(f"port {s.port} is out of range")
+    _check_numbers(s)
+    _check_places(s)
+    _check_callers(s)
+    if s.log_level.upper() not in _LOG_LEVELS:
+        raise SettingsError(f"log_level {s.log_level!r} must be one of {', '.join(_LOG_LEVELS)}")
+    if not _DEVICE_RE.fullmatch(s.device):
+        raise SettingsError(f"device {s.device!r} must be auto, cpu, mps, cuda or cuda:N")
     if s.heatmap_method not in ("gradcam", "occlusion"):
         raise SettingsError(f"heatmap_method {s.heatmap_method!r} must be gradcam or occlusion")
     if s.max_associations < 1:
@@ -310,10 +462,11 @@ def load_settings(
     overrides: Mapping[str, Any] | None = None,
     base: Settings | None = None,
 ) -> Settings:
-    """Build settings from a config file, ``CXR_*`` variables and overrides.
+    """Build settings: defaults < config file < ``CXR_*`` variables < overrides.
 
-    ``env`` defaults to ``os.environ``; tests pass their own mapping.  ``CXR_CONFIG`` in
-    ``env`` names a TOML file whose top-level keys are setting names.
+    ``env`` defaults to ``os.environ``; tests pass their own mapping.  The config file is
+    ``config_file`` (``--config``) or else ``CXR_CONFIG`` in ``env``: a TOML file whose
+    top-level keys are setting names.  ``overrides`` are the command line's flags.
     """
     env = os.environ if env is None else env
     names = {f.name for f in dataclasses.fields(Settings)}
@@ -357,4 +510,5 @@ __all__ = [
     "load_settings",
     "setting_names",
     "DEFAULT_SELECTION_RULES",
+    "SelectionRule",
 ]

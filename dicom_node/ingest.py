@@ -67,12 +67,14 @@ def _stop_at_pixels(tag: BaseTag, _vr: str | None, _length: int) -> bool:
     return int(tag) >= PIXEL_DATA
 
 
-def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
+def _text(ds: Dataset, keyword: str, limit: int | None) -> str | None:
+    """An indexed text attribute; UIDs (``limit=None``) are never cut: an over-long UID is
+    refused by :mod:`dicom_node.store_checks`, never merged with another."""
     value = ds.get(keyword)
     if value is None:
         return None
     text = str(value).strip().rstrip("\x00")
-    return text[:limit] or None
+    return (text if limit is None else text[:limit]) or None
 
 
 def _check_tail(data: memoryview, offset: int, implicit: bool, little: bool) -> None:
@@ -143,12 +145,17 @@ def parse_header(encoded: memoryview | bytes, transfer_syntax: str) -> Header:
         fp = BytesIO(data)
         ds = read_dataset(fp, implicit, little, stop_when=_stop_at_pixels, defer_size=4096)
         header_end = fp.tell()
-        study_uid = _text(ds, "StudyInstanceUID", 64)
-        sop_uid = _text(ds, "SOPInstanceUID", 64)
-        sop_class = _text(ds, "SOPClassUID", 64)
+        if header_end > len(data):
+            # A long element read with defer_size is skipped by seeking, which never fails.
+            raise UnreadableDatasetError(
+                f"dataset truncated: an element before Pixel Data ends at byte {header_end} "
+                f"of {len(data)}")
+        study_uid = _text(ds, "StudyInstanceUID", None)
+        sop_uid = _text(ds, "SOPInstanceUID", None)
+        sop_class = _text(ds, "SOPClassUID", None)
         header = Header(
             study_uid=study_uid or "",
-            series_uid=_text(ds, "SeriesInstanceUID", 64),
+            series_uid=_text(ds, "SeriesInstanceUID", None),
             sop_uid=sop_uid or "",
             sop_class_uid=sop_class or "",
             transfer_syntax=str(ts),

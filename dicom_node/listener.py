@@ -38,7 +38,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from db.session import Database
 from db.settings import Settings
-from dicom_node import ingest, metrics, spool
+from dicom_node import ingest, metrics, spool, store_checks
 from dicom_node.errors import TransientError
 from dicom_node.publisher import CeleryPublisher, Publisher
 from dicom_node.stability import StabilityLoop
@@ -52,6 +52,7 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 _REJECT_REASONS = {"SpoolFullError": "disk_full", "SpoolWriteError": "write_failed",
                    "RecordError": "record_failed"}
 STATUS_PROCESSING_FAILURE = 0x0110
+STATUS_SOP_CLASS_MISMATCH = 0xA900
 
 STORE_TRANSFER_SYNTAXES: tuple[str, ...] = (
     ExplicitVRLittleEndian,
@@ -80,14 +81,17 @@ def build_ae(settings: Settings) -> AE:
     ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     for uid in storage_sop_classes():
         ae.add_supported_context(uid, list(STORE_TRANSFER_SYNTAXES))
-    ae.require_calling_aet = list(settings.allowed_callers)
+    # "*" (explicit, warned about at start) accepts any caller; an empty list is refused
+    # by the settings, so the check never fails open.
+    ae.require_calling_aet = [] if settings.any_caller else list(settings.allowed_callers)
     ae.require_called_aet = True
     ae.maximum_associations = settings.max_associations
     ae.maximum_pdu_size = settings.max_pdu
-    # Large transfers on a busy host: do not drop a slow but live peer too early.
-    ae.network_timeout = 120
-    ae.dimse_timeout = 120
-    ae.acse_timeout = 30
+    # Each read of a PDU is bounded by network_timeout (see _recv_exactly), so a peer that
+    # stalls mid-PDU loses its slot; an idle association is closed by pynetdicom.
+    ae.network_timeout = settings.network_timeout
+    ae.dimse_timeout = settings.dimse_timeout
+    ae.acse_timeout = settings.acse_timeout
     return ae
 
 
@@ -117,9 +121,11 @@ class _AssocStats:
 class StoreService:
     """Event handlers of one running node; holds the database and per-association counters."""
 
-    def __init__(self, settings: Settings, db: Database) -> None:
+    def __init__(self, settings: Settings, db: Database,
+                 marker: spool.SpoolMarker | None = None) -> None:
         self.settings = settings
         self.db = db
+        self.marker = marker
         self._stats: dict[int, _AssocStats] = {}
         self._lock = threading.Lock()
 
@@ -139,9 +145,12 @@ class StoreService:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as exc:
             log.debug("cannot set TCP_NODELAY: %s", exc)
+        _set_keepalive(sock, self.settings.tcp_keepalive_seconds)
         # pynetdicom reads a PDU in 4 KiB recv() calls appended to a bytearray; reading
         # straight into one buffer of the PDU's size halves the receive cost of large images.
-        assoc_socket.recv = _recv_exactly(assoc_socket)  # type: ignore[union-attr,method-assign]
+        # Each PDU read ends within network_timeout, so a stalled peer cannot hold a slot.
+        assoc_socket.recv = _recv_exactly(  # type: ignore[union-attr,method-assign]
+            assoc_socket, self.settings.network_timeout)
 
     def on_accepted(self, event: Event) -> None:
         stats = _AssocStats(calling_ae=event.assoc.requestor.ae_title.strip(),
@@ -154,7 +163,7 @@ class StoreService:
         calling = event.assoc.requestor.ae_title.strip()
         primitive = event.assoc.requestor.primitive
         called = str(getattr(primitive, "called_ae_title", "") or "").strip()
-        if calling not in self.settings.allowed_callers:
+        if not self.settings.any_caller and calling not in self.settings.allowed_callers:
             reason = "calling AE title not allowed"
         elif called != self.settings.ae_title:
             reason = f"called AE title {called!r} is not ours"
@@ -202,6 +211,9 @@ class StoreService:
         dataset_buffer = request.DataSet.getbuffer()  # type: ignore[union-attr]
         try:
             header = ingest.parse_header(dataset_buffer, event.context.transfer_syntax)
+            header = store_checks.validate(header, event.context.abstract_syntax)
+            if self.marker is not None:
+                self.marker.check()
             preamble = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
             outcome = ingest.ingest(
                 self.db, self.settings.spool_dir, header, (preamble, dataset_buffer),
@@ -213,6 +225,12 @@ class StoreService:
             log.warning("store refused sop=%s calling_ae=%s status=0xC000 reason=%s",
                         affected, calling_ae, exc)
             return STATUS_CANNOT_UNDERSTAND
+        except store_checks.RefusedInstanceError as exc:
+            self._count(event, "failed")
+            metrics.instance_rejected("invalid")
+            log.warning("store refused sop=%s calling_ae=%s status=0x%04X reason=%s",
+                        affected[:80], calling_ae, exc.status, exc)
+            return exc.status
         except TransientError as exc:
             self._count(event, "failed")
             metrics.instance_rejected(_REJECT_REASONS.get(type(exc).__name__, "write_failed"))
@@ -241,15 +259,42 @@ class StoreService:
         ]
 
 
-def _recv_exactly(assoc_socket: Any) -> Any:
-    """A drop-in for ``AssociationSocket.recv``: same contract, one buffer, ``recv_into``."""
+def _set_keepalive(sock: socket.socket, idle_seconds: int) -> None:
+    """TCP keepalive, so a peer that vanished without a FIN is noticed by the kernel."""
+    if idle_seconds <= 0:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        options = (("TCP_KEEPIDLE", idle_seconds),
+                   ("TCP_KEEPINTVL", max(1, idle_seconds // 4)), ("TCP_KEEPCNT", 4))
+        for name, value in options:
+            if hasattr(socket, name):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    except OSError as exc:
+        log.debug("cannot set TCP keepalive: %s", exc)
+
+
+def _recv_exactly(assoc_socket: Any, timeout: float | None = None) -> Any:
+    """A drop-in for ``AssociationSocket.recv``: same contract, one buffer, ``recv_into``.
+
+    With ``timeout``, the whole read must finish within that many seconds: a peer that
+    stalls (or trickles) mid-PDU gets ``TimeoutError``, which pynetdicom turns into a
+    closed connection, and its association slot comes back."""
 
     def recv(nr_bytes: int) -> bytearray:
         sock = assoc_socket.socket
         buffer = bytearray(nr_bytes)
         view = memoryview(buffer)
         read = 0
+        deadline = None if timeout is None else time.monotonic() + timeout
         while read < nr_bytes:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    del view
+                    raise TimeoutError(f"peer sent {read} of {nr_bytes} bytes within "
+                                       f"{timeout} s")
+                sock.settimeout(left)
             got = sock.recv_into(view[read:], nr_bytes - read)
             if not got:  # connection closed: return what we have, as pynetdicom does
                 del view
@@ -307,7 +352,8 @@ def start_node(
     removed = spool.remove_stale_temp_files(settings.spool_dir)
     if removed:
         log.warning("removed %d half-written spool files from a previous run", len(removed))
-    service = StoreService(settings, database)
+    marker = spool.SpoolMarker(settings.spool_dir)
+    service = StoreService(settings, database, marker)
     ae = build_ae(settings)
     server = ae.start_server(
         (settings.bind_address, settings.port),
@@ -323,6 +369,8 @@ def start_node(
         loop = StabilityLoop(database, settings, publisher)
         loop.start()
     handle = NodeHandle(settings, ae, server, database, service, loop, publisher, owns_db)
+    if settings.any_caller:
+        log.warning("allowed_callers is '*': any calling AE title may store")
     log.info("listener started ae_title=%s address=%s port=%d tls=%s allowed_callers=%s",
              settings.ae_title, settings.bind_address, handle.port,
              settings.tls_cert is not None, ",".join(settings.allowed_callers))

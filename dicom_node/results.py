@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
+from db import paths
 from dicom_node.atomic import write_atomically
 
 
@@ -73,7 +74,8 @@ def write_dataset(ds: Dataset, directory: Path) -> Path:
     directory is fsynced, so a crash leaves either the whole file or none: the delivery
     worker never sends half an object.
     """
-    return write_atomically(directory / f"{ds.SOPInstanceUID}.dcm",
+    target = paths.under(directory, f"{paths.uid_name(str(ds.SOPInstanceUID))}.dcm")
+    return write_atomically(target,
                             lambda fh: ds.save_as(fh, enforce_file_format=True))
 
 

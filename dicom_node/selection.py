@@ -88,6 +88,14 @@ def _not_an_image(header: Any) -> str | None:
     return None
 
 
+def _not_for_presentation(header: Any) -> str | None:
+    """DX/MG/IO images "For Processing" are raw detector data, not what the model learned."""
+    intent = _text(header, "PresentationIntentType").upper()
+    if intent and intent != "FOR PRESENTATION":
+        return f"not for presentation (PresentationIntentType {intent})"
+    return None
+
+
 def _matches(rule: Mapping[str, Any], header: Any, image_count: int) -> bool:
     if rule.get("single_image_only") and image_count != 1:
         return False
@@ -135,7 +143,7 @@ def select_instances(
     count = image_count(headers) if study_image_count is None else study_image_count
     out: list[Selection] = []
     for index, header in enumerate(headers):
-        reason = _not_an_image(header)
+        reason = _not_an_image(header) or _not_for_presentation(header)
         if reason is not None:
             out.append(Selection(index, False, reason, None))
             continue

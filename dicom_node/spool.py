@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -23,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from db import paths
 from dicom_node.atomic import fsync_dir
 from dicom_node.errors import TransientError
 
 TEMP_PREFIX = ".incoming-"
 TEMP_SUFFIX = ".tmp"
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _MIB = 1024 * 1024
 _THREADED_HASH_BYTES = 2 * _MIB
 
@@ -41,19 +40,58 @@ class SpoolWriteError(TransientError):
     """The spool could not write or sync a file (disk, permissions, I/O)."""
 
 
-def safe_uid_name(uid: str) -> str:
-    """A file-system name for ``uid``: the UID itself if it is a well-formed UID, else a digest.
+class SpoolIdentityError(SpoolWriteError):
+    """The spool folder is not the one we started with (unmounted, replaced, renamed)."""
 
-    A well-formed UID has only digits and dots, so it cannot contain ``/`` or be ``..``.
+
+MARKER_NAME = ".cxr-spool-id"
+
+
+class SpoolMarker:
+    """The spool's identity: a marker file written at start, checked before each store.
+
+    Where the spool's volume is unmounted, or the folder is replaced or renamed while the
+    listener runs, the marker is gone or is another file, and a store is refused instead
+    of being written to whatever lies underneath.  The check is one ``stat``.
     """
-    uid = uid.strip().rstrip("\x00")
-    if len(uid) <= 64 and _UID_RE.match(uid):
-        return uid
-    return "x" + hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+
+    def __init__(self, spool_dir: Path) -> None:
+        self.path = spool_dir / MARKER_NAME
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            pass  # another listener sharing this spool wrote it, or an earlier run
+        except OSError as exc:
+            raise SpoolWriteError(f"cannot write the spool marker {self.path}: {exc}") from exc
+        else:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"cxr-triage spool {os.urandom(16).hex()}\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            fsync_dir(spool_dir)
+        st = os.stat(self.path)
+        self._identity = (st.st_dev, st.st_ino)
+
+    def check(self) -> None:
+        """Raise :class:`SpoolIdentityError` unless the marker is the one seen at start."""
+        try:
+            st = os.stat(self.path)
+        except OSError as exc:
+            raise SpoolIdentityError(
+                f"spool marker {self.path} is missing: the spool folder is not the one "
+                "this listener started with") from exc
+        if (st.st_dev, st.st_ino) != self._identity:
+            raise SpoolIdentityError(
+                f"spool marker {self.path} changed: the spool folder was replaced")
+
+
+#: A file-system name for a UID: the UID itself if well-formed, else a digest.
+safe_uid_name = paths.uid_name
 
 
 def instance_path(spool_dir: Path, study_uid: str, sop_uid: str) -> Path:
-    return spool_dir / safe_uid_name(study_uid) / f"{safe_uid_name(sop_uid)}.dcm"
+    """Where an instance lives, through the safe-path helper (never a raw header value)."""
+    return paths.under(spool_dir, paths.uid_name(study_uid), f"{paths.uid_name(sop_uid)}.dcm")
 
 
 def check_free_space(spool_dir: Path, min_free_mb: int, incoming_bytes: int = 0) -> None:

@@ -264,7 +264,9 @@ def test_hostile_uids_never_become_paths(node: NodeHandle, tmp_path: Path) -> No
     ds.file_meta.MediaStorageSOPClassUID = CR_STORAGE
     f = write(ds, tmp_path / "hostile.dcm")
     statuses = send_files_pynetdicom(node.port, [f], ExplicitVRLittleEndian, CR_STORAGE)
-    assert statuses == [0]
-    (stored,) = spool_files(node.settings.spool_dir)
-    assert stored.parent.parent == node.settings.spool_dir
-    assert stored.parent.name == spool.safe_uid_name("../../etc")
+    assert statuses == [0xC000]  # an invalid UID is refused at the boundary
+    assert spool_files(node.settings.spool_dir) == []
+    # Where such a value reaches a path anyway, it becomes a digest inside the folder.
+    path = spool.instance_path(node.settings.spool_dir, "../../etc", "/some/dir")
+    assert path.parent.parent == node.settings.spool_dir
+    assert path.parent.name == spool.safe_uid_name("../../etc") != "../../etc"

@@ -90,7 +90,7 @@ def test_rules_are_data_from_settings() -> None:
     rules = [{"name": "only PA", "Modality": ["DX"], "ViewPosition": ["PA"]}]
     s = load_settings(env={"CXR_SELECTION_RULES": '[{"name": "only PA", '
                                                    '"Modality": ["DX"], "ViewPosition": ["PA"]}]'})
-    assert list(s.selection_rules) == rules
+    assert [dict(r) for r in s.selection_rules] == rules
     sel = select_instances([header("DX", "AP"), header("DX", "PA")], s.selection_rules)
     assert [x.scored for x in sel] == [False, True]
     assert sel[0].reason == "not a frontal view (ViewPosition AP, Modality DX)"

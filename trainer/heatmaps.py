@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from db import paths
 from db.settings import Settings
 from dicom_node.atomic import write_atomically
 from dicom_node.pixels import Letterbox
@@ -171,8 +172,10 @@ def write_heatmap(heatmap: np.ndarray, path: Path) -> Path:
 
 
 def heatmap_path(settings: Settings, study_uid: str, sop_instance_uid: str) -> Path:
-    """Where a study image's heatmap lives under ``settings.heatmaps_dir``."""
-    return settings.heatmaps_dir / study_uid / f"{sop_instance_uid}.npy"
+    """Where a study image's heatmap lives under ``settings.heatmaps_dir``: UIDs become
+    names only through the safe-path helper, so a hostile UID never leaves the folder."""
+    return paths.under(settings.heatmaps_dir, paths.uid_name(study_uid),
+                       f"{paths.uid_name(sop_instance_uid)}.npy")
 
 
 def save_heatmap(

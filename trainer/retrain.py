@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
+from db import paths
 from db.models import Evaluation, RetrainRun, utcnow
 from db.session import Database
 from db.settings import Settings, SettingsError, load_settings
@@ -278,7 +279,7 @@ def _train_and_decide(db: Database, settings: Settings, datasets: list[Path], dr
     extra.update(datasets=[str(d) for d in datasets], train_study_uids=train_studies,
                  test=describe(test), history=result.history, timings=result.timings)
     meta = replace(meta, version=version, provenance=replace(meta.provenance, extra=extra))
-    report_dir = settings.reports_dir / f"run-{run_id:05d}-{when:%Y%m%d-%H%M%S}"
+    report_dir = paths.under(settings.reports_dir, f"run-{run_id:05d}-{when:%Y%m%d-%H%M%S}")
     # Drift: the champion on studies labelled since the last run (it never trained on them).
     drift: dict[str, Any] | None = None
     if init is not None and champion is not None and new_ids:
@@ -323,7 +324,7 @@ def _train_and_decide(db: Database, settings: Settings, datasets: list[Path], dr
                 report_path=str(index), challenger_version=version)
         outcome.status, outcome.decision = "done", "none"
         return
-    path = settings.models_dir / f"{version}.pt"
+    path = paths.under(settings.models_dir, f"{version}.pt")
     sha = save_checkpoint(path, result.model, meta)
     reg_meta = {**meta.to_dict(), "parent_version": meta.provenance.parent_version,
                 "metrics": {k: chal_eval.get(k) for k in ("auc", "sensitivity", "specificity")},

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pydicom
 from pydicom.dataset import Dataset
 
+from db import paths
 from db.models import StudyState
 from db.settings import Settings
 from dicom_node import identity
@@ -63,7 +64,8 @@ def model_info(model: LoadedProductionModel, settings: Settings) -> ModelInfo:
 
 
 def study_outbox(settings: Settings, study_uid: str) -> Path:
-    return settings.outbox_dir / study_uid
+    """The study's outbox folder, named through the safe-path helper."""
+    return paths.under(settings.outbox_dir, paths.uid_name(study_uid))
 
 
 def predecessor_ref(settings: Settings, study_uid: str,
@@ -72,7 +74,8 @@ def predecessor_ref(settings: Settings, study_uid: str,
     builder derived it."""
     if previous is None:
         return None
-    path = study_outbox(settings, study_uid) / f"{previous.sop_instance_uid}.dcm"
+    path = paths.under(study_outbox(settings, study_uid),
+                       f"{paths.uid_name(previous.sop_instance_uid)}.dcm")
     if path.is_file():
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         return PredecessorRef(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),

@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 
 from db.models import Instance, Study
 from db.session import Database
+from dicom_node.spool import MARKER_NAME
 
 
 def dcmtk(tool: str) -> str:
@@ -103,4 +104,5 @@ def study_by_uid(db: Database, study_uid: str) -> Study | None:
 
 
 def spool_files(spool_dir: Path) -> list[Path]:
-    return sorted(p for p in spool_dir.rglob("*") if p.is_file())
+    """Every file in the spool except the listener's identity marker."""
+    return sorted(p for p in spool_dir.rglob("*") if p.is_file() and p.name != MARKER_NAME)
