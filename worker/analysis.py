@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -42,6 +43,7 @@ from db.models import (
 )
 from db.session import Database
 from db.settings import Settings
+from db.uids import is_valid_uid
 from dicom_node.errors import BadInputError, TransientError
 from worker import metrics
 from worker.model_cache import (
@@ -217,10 +219,18 @@ def release_waiting(db: Database, study_id: int, generation: int, reason: str,
 
 
 # ---------------------------------------------------------------------------------- work
+#: What pydicom and the pixel pipeline raise for damaged or unusual data beyond their own
+#: error types (a Modality LUT with 12-bit entries gives a TypeError, for instance): the
+#: data's fault, recorded for that image, never "internal error".
+DECODE_ERRORS: tuple[type[Exception], ...] = (
+    ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError,
+    NotImplementedError, ZeroDivisionError, EOFError, MemoryError)
+_HEADER_ERRORS: tuple[type[Exception], ...] = (InvalidDicomError, OSError, *DECODE_ERRORS)
+_PIXEL_ERRORS: tuple[type[Exception], ...] = (BadInputError, *DECODE_ERRORS)
+
 def read_headers(refs: tuple[InstanceRef, ...]) -> list[Any]:
     """Headers without pixels, for the selection rules; None where a file is unreadable."""
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
     headers: list[Any] = []
     for ref in refs:
@@ -229,10 +239,11 @@ def read_headers(refs: tuple[InstanceRef, ...]) -> list[Any]:
         except FileNotFoundError as exc:
             # The spool is ours: a missing file is our infrastructure's trouble.
             raise TransientError(f"spooled file missing for {ref.sop_instance_uid}") from exc
-        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        except _HEADER_ERRORS as exc:
             log.warning("unreadable instance sop_uid=%s error=%s", ref.sop_instance_uid, exc)
             headers.append(None)
     return headers
+
 
 
 def select_images(refs: tuple[InstanceRef, ...], headers: list[Any],
@@ -247,6 +258,11 @@ def select_images(refs: tuple[InstanceRef, ...], headers: list[Any],
         if h is None:
             results[i].skip_reason = "bad input: not a readable DICOM file"
             results[i].bad_input = True
+        elif not is_valid_uid(refs[i].sop_instance_uid):
+            results[i].skip_reason = "bad input: invalid SOPInstanceUID"
+            results[i].bad_input = True
+            results[i].header = None
+    readable = [i for i in readable if results[i].skip_reason is None]
     selections = select_instances([headers[i] for i in readable], settings.selection_rules)
     for sel in selections:
         target = results[readable[sel.index]]
@@ -268,11 +284,18 @@ def load_pixels(images: list[ImageResult]) -> None:
         try:
             ds = pydicom.dcmread(img.instance.path)
             img.image = decode_pixels(ds)
-        except BadInputError as exc:
+        except FileNotFoundError as exc:
+            raise TransientError(f"spooled file missing for {img.instance.sop_instance_uid}") \
+                from exc
+        except _PIXEL_ERRORS as exc:
             img.scored = False
             img.bad_input = True
-            img.skip_reason = f"bad input: {type(exc).__name__}: {exc}"
-            log.warning("bad input sop_uid=%s reason=%s", img.instance.sop_instance_uid, exc)
+            img.image = None
+            kind = type(exc).__name__ if isinstance(exc, BadInputError) else \
+                f"UndecodablePixelsError: {type(exc).__name__}"
+            img.skip_reason = f"bad input: {kind}: {exc}"[:500]
+            log.warning("bad input sop_uid=%s reason=%s", img.instance.sop_instance_uid,
+                        img.skip_reason)
             continue
         img.timings["decode_s"] = time.perf_counter() - t0
 
@@ -440,6 +463,11 @@ def analyse_study(
             log.info("analyse message has nothing to do study_id=%s generation=%s status=%s",
                      study_id, generation, claimed.status)
         return claimed
+    if not is_valid_uid(claimed.study_uid):
+        # Only rows written around the listener can hold one; the listener refuses them.
+        reason = "bad input: invalid StudyInstanceUID"
+        mark_failed(db, study_id, generation, reason)
+        return Outcome(study_id, "failed", reason)
     try:
         model = models.get(claimed.model)
     except ModelUnavailableError as exc:

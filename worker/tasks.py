@@ -17,7 +17,7 @@ from sqlalchemy.exc import OperationalError
 from db.broker import ANALYSE_TASK, DELIVER_TASK, RECONCILE_TASK
 from db.session import Database
 from db.settings import Settings
-from dicom_node.errors import TransientError
+from dicom_node.errors import BadInputError, TransientError
 from worker.app import app, settings
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,13 @@ def analyse_study(self: Task, study_id: int, generation: int) -> dict[str, Any]:
         log.warning("analysis retry study_id=%s generation=%s retries=%s error=%s",
                     study_id, generation, retries, exc)
         raise self.retry(exc=exc, countdown=_retry_countdown(retries)) from exc
+    except BadInputError as exc:
+        # The data's fault, found late: recorded with its reason, never retried.
+        reason = f"bad input: {type(exc).__name__}: {exc}"[:2000]
+        log.warning("analysis refused input study_id=%s generation=%s reason=%s", study_id,
+                    generation, reason)
+        mark_failed(rt.db, int(study_id), int(generation), reason)
+        return {"study_id": study_id, "status": "failed", "reason": reason}
     except Exception as exc:
         # Neither bad input nor transient: a fault of ours.  Record it on the study so it
         # is never silent, then let Celery log the traceback; retrying would not help.
