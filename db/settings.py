@@ -390,6 +390,11 @@ def _check_numbers(s: Settings) -> None:
             raise SettingsError(f"{f.name} must not be negative (got {value})")
         if f.name in _POSITIVE and value <= 0:
             raise SettingsError(f"{f.name} must be greater than 0 (got {value})")
+    if s.acse_timeout > s.network_timeout:
+        # A stalled peer's association thread waits for its request this long: keep it
+        # within the network timeout, so every slot comes back within that.
+        raise SettingsError(f"acse_timeout {s.acse_timeout} must not exceed "
+                            f"network_timeout {s.network_timeout}")
     for name in ("port", "web_port", "metrics_port"):
         value = getattr(s, name)
         if not 0 <= value <= 65535:

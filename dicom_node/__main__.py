@@ -33,6 +33,10 @@ def _setup_argparser() -> argparse.ArgumentParser:
     parser.add_argument("--max-associations", type=int, help="concurrent associations")
     parser.add_argument("--max-pdu", type=int, help="maximum PDU size we receive")
     parser.add_argument("--min-free-mb", type=int, help="refuse stores below this free space")
+    parser.add_argument("--network-timeout", type=float,
+                        help="seconds a PDU read or an idle association may take")
+    parser.add_argument("--acse-timeout", type=float, help="seconds for association set-up")
+    parser.add_argument("--dimse-timeout", type=float, help="seconds for a DIMSE message")
     parser.add_argument("--tls-cert", type=Path, help="server certificate (PEM)")
     parser.add_argument("--tls-key", type=Path, help="server private key (PEM)")
     parser.add_argument("--tls-ca", type=Path,
@@ -47,7 +51,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     names = ("port", "bind_address", "ae_title", "allowed_callers", "data_dir", "database_url",
              "broker_url", "inference_queue", "stable_seconds", "scheduler_interval",
              "max_associations", "max_pdu", "min_free_mb", "tls_cert", "tls_key", "tls_ca",
-             "log_level")
+             "log_level", "network_timeout", "acse_timeout", "dimse_timeout")
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 

@@ -1,12 +1,16 @@
-"""SIGKILL mid-transfer: every acknowledged instance survives, nothing half-written stays."""
+"""Faults of the listener process: SIGKILL mid-transfer (every acknowledged instance
+survives, nothing half-written stays), peers that stall mid-PDU, a spool that vanishes."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +24,7 @@ from db.session import Database
 from db.settings import Settings
 from dicom_node import spool
 from tests.support.dicom_factory import make_study_files
-from tests.support.listener_peers import instance_rows, spool_files
+from tests.support.listener_peers import instance_rows, send_files_pynetdicom, spool_files
 from tests.support.services import wait_until
 
 pytestmark = pytest.mark.slow
@@ -36,10 +40,11 @@ class NodeProcess:
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
 
-    def start(self) -> None:
+    def start(self, *extra: str) -> None:
         cmd = [sys.executable, "-m", "dicom_node", "--port", "0", "--bind-address", "127.0.0.1",
                "--data-dir", str(self.settings.data_dir), "--database-url",
-               self.settings.effective_database_url, "--min-free-mb", "1", "--no-stability"]
+               self.settings.effective_database_url, "--min-free-mb", "1", "--no-stability",
+               *extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log.open("a"),
                                      text=True, cwd=Path(__file__).resolve().parents[1])
         assert self.proc.stdout is not None
@@ -123,3 +128,75 @@ def test_sigkill_mid_transfer_keeps_every_acknowledged_instance(
         assert not [n for n in names if spool.is_temp_name(n)], names
     finally:
         db.dispose()
+
+
+def _stalled_peer(port: int) -> socket.socket:
+    """A peer that starts an A-ASSOCIATE-RQ PDU of 200 bytes, sends 20, and goes quiet."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(b"\x01\x00" + struct.pack(">I", 200) + b"\x00\x01" + b"\x00" * 18)
+    return sock
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(4096) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_peers_stalled_mid_pdu_lose_their_slots_within_the_network_timeout(
+    node_proc: NodeProcess, tmp_path: Path
+) -> None:
+    timeout = 2.0
+    node_proc.start("--max-associations", "2", "--network-timeout", str(timeout),
+                    "--acse-timeout", "1")
+    stalled = [_stalled_peer(node_proc.port) for _ in range(2)]
+    started = time.monotonic()
+    try:
+        for sock in stalled:
+            assert _closed_by_peer(sock), "the listener kept a stalled peer's connection"
+        elapsed = time.monotonic() - started
+        assert elapsed <= timeout + 2.0, f"slots came back after {elapsed:.1f} s"
+        # The association threads end once their ACSE wait (at most the network timeout,
+        # see the settings) sees the connection gone.
+        time.sleep(1.5)
+        f = make_study_files(tmp_path / "in", n=1)
+        assert send_files_pynetdicom(node_proc.port, f, ExplicitVRLittleEndian,
+                                     DX_STORAGE) == [0]
+        assert time.monotonic() - started <= 2 * timeout + 2.0
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert node_proc.proc is not None and node_proc.proc.poll() is None
+
+
+def test_a_vanished_spool_is_refused_and_nothing_is_written_underneath(
+    node_proc: NodeProcess, settings: Settings, tmp_path: Path
+) -> None:
+    node_proc.start()
+    files = make_study_files(tmp_path / "in", n=4)
+    assert send_files_pynetdicom(node_proc.port, files[:1], ExplicitVRLittleEndian,
+                                 DX_STORAGE) == [0]
+    spool_dir = settings.spool_dir
+    moved = spool_dir.with_name("spool-unmounted")
+    spool_dir.rename(moved)
+    # Renamed away (an unmounted volume with no mount point): refused.
+    assert send_files_pynetdicom(node_proc.port, files[1:2], ExplicitVRLittleEndian,
+                                 DX_STORAGE) == [0xA700]
+    assert not spool_dir.exists()
+    # An empty folder where the volume was (the mount point underneath): refused too.
+    spool_dir.mkdir()
+    assert send_files_pynetdicom(node_proc.port, files[2:3], ExplicitVRLittleEndian,
+                                 DX_STORAGE) == [0xA700]
+    assert list(spool_dir.iterdir()) == []
+    spool_dir.rmdir()
+    # The volume back: stores go on.
+    moved.rename(spool_dir)
+    assert send_files_pynetdicom(node_proc.port, files[3:], ExplicitVRLittleEndian,
+                                 DX_STORAGE) == [0]
+    db = Database(settings, migrate=False)
+    try:
+        assert len(instance_rows(db)) == 2
+    finally:
+        db.dispose()
+    assert node_proc.proc is not None and node_proc.proc.poll() is None
