@@ -10,18 +10,23 @@ visibility timeout, queue routes) is shared with the listener through
 from __future__ import annotations
 
 import logging
+import sys
 
 from celery import Celery
 from celery.signals import setup_logging
 
 from db.broker import make_celery
-from db.settings import Settings, load_settings
+from db.settings import Settings, SettingsError, load_settings
 from worker.beat import beat_schedule
 from worker.metrics import install_celery_signals
 
 log = logging.getLogger(__name__)
 
-settings: Settings = load_settings()
+try:
+    settings: Settings = load_settings()
+except SettingsError as _exc:  # one line and exit 2, like every other entry point
+    print(f"configuration error: {_exc}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 def build_app(s: Settings) -> Celery:
