@@ -110,3 +110,85 @@ def test_file_without_required_header_is_refused(settings: Settings, tmp_path: P
     with pytest.raises(LabelFileError, match="header"):
         import_labels(db, bad)
     db.dispose()
+
+
+# ----- hostile and large label files ------------------------------------------------
+@pytest.fixture
+def db(settings: Settings):  # type: ignore[no-untyped-def]
+    database = Database(settings)
+    yield database
+    database.dispose()
+
+
+def _many(db: Database, n: int) -> None:
+    with db.session() as s:
+        for i in range(1, n + 1):
+            s.add(Study(study_uid=f"1.2.3.{i}", accession_number=f"A{i}"))
+
+def test_control_characters_reject_only_their_line(db: Database, tmp_path: Path) -> None:
+    _many(db, 3)
+    f = tmp_path / "ctl.csv"
+    f.write_text(
+        "study_uid,accession_number,label,source,date\n"
+        "1.2.3.1,,1,RT-PCR,2024-01-02\n"
+        "1.2.3.2,,1,RT\x00PCR,2024-01-02\n"
+        '1.2.3.3,,0,"radio\x0blogist",2024-01-02\n', encoding="utf-8")
+    report = import_labels(db, f)
+    assert report.imported == 1
+    assert [(e.line, "U+0000" in e.reason or "U+000B" in e.reason) for e in report.errors] \
+        == [(3, True), (4, True)]
+
+
+def test_line_numbers_are_csv_record_numbers(db: Database, tmp_path: Path) -> None:
+    _many(db, 3)
+    f = tmp_path / "records.csv"
+    f.write_text(
+        "study_uid,accession_number,label,source,date\n"
+        '1.2.3.1,,1,"RT-PCR\u2028see\x0bnote",2024-01-02\n'
+        '1.2.3.2,,1,"multi\nline source",2024-01-02\n'
+        "1.2.3.3,,maybe,RT-PCR,2024-01-02\n", encoding="utf-8")
+    report = import_labels(db, f)
+    lines = {e.line for e in report.errors}
+    assert 4 in lines and "maybe" in next(e.reason for e in report.errors if e.line == 4)
+    assert 2 in lines  # the U+2028 record is rejected as itself, not as two lines
+
+
+def test_a_large_import_commits_in_batches(db: Database, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer import labels as labels_module
+
+    _many(db, 9)
+    monkeypatch.setattr(labels_module, "BATCH_ROWS", 4)
+    commits = []
+    real_session = db.session
+
+    def counting_session():  # type: ignore[no-untyped-def]
+        commits.append(1)
+        return real_session()
+
+    monkeypatch.setattr(db, "session", counting_session)
+    f = tmp_path / "big.csv"
+    f.write_text("study_uid,accession_number,label,source,date\n" + "".join(
+        f"1.2.3.{i},,1,RT-PCR,2024-01-02\n" for i in range(1, 10)))
+    report = import_labels(db, f)
+    assert report.imported == 9 and len(commits) == 3  # 4 + 4 + 1
+
+
+def test_concurrent_imports_wait_for_each_other(db: Database, tmp_path: Path) -> None:
+    import threading
+
+    from trainer.labels import import_lock
+
+    _many(db, 2)
+    f = tmp_path / "one.csv"
+    f.write_text("study_uid,accession_number,label,source,date\n1.2.3.1,,1,RT-PCR,2024-01-02\n")
+    heard: list[str] = []
+    done = threading.Event()
+    with import_lock(db):
+        worker = threading.Thread(
+            target=lambda: (import_labels(db, f, waiting=heard.append), done.set()))
+        worker.start()
+        assert not done.wait(1.0)  # held off while the first import runs
+    worker.join(30)
+    assert done.is_set()
+    assert heard == ["another labels import is running; waiting for it to finish"]

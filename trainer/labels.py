@@ -12,19 +12,30 @@ File format (header row required, UTF-8, comma separated)::
 
 Re-importing the same file changes nothing.  A row whose label, source or date differs
 from the study's current label supersedes it: the old row stays with ``current=False``
-and ``superseded_at`` set.  Malformed rows and unknown studies are reported by line
-number; valid rows in the same file are still imported.
+and ``superseded_at`` set.  Malformed rows (control characters such as NUL included) and
+unknown studies are reported by line, where a line is the CSV record number (the header
+is line 1; a quoted cell holding a line break does not shift the numbers); valid rows in
+the same file are still imported.
+
+Rows are committed in batches of :data:`BATCH_ROWS`, so a large import never holds the
+database (on SQLite, the listener's writes) for long, and imports run one at a time: a
+second one waits for the first and says so.
 """
 
 from __future__ import annotations
 
 import csv
+import fcntl
+import io
 import logging
+import unicodedata
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from db.models import Label, Study, utcnow
@@ -33,6 +44,11 @@ from db.session import Database
 log = logging.getLogger(__name__)
 
 COLUMNS = ("study_uid", "accession_number", "label", "source", "date")
+#: Rows per transaction: each commit is short, so ingest never waits long on SQLite.
+BATCH_ROWS = 200
+#: PostgreSQL advisory lock key that serialises imports across hosts.
+_PG_LOCK_KEY = 0x6378_6C61  # "cxla"
+_LOCK_FILE = ".labels-import.lock"
 POSITIVE = frozenset({"1", "covid", "covid-19", "positive", "pos"})
 NEGATIVE = frozenset({"0", "not-covid", "not covid", "non-covid", "negative", "neg"})
 
@@ -103,8 +119,12 @@ def _parse_row(line: int, raw: dict[str, str | None]) -> _Row:
     def cell(name: str) -> str:
         return (raw.get(name) or "").strip()
 
-    if None in raw:  # csv.DictReader files surplus cells under the None key
+    if None in raw:  # surplus cells are filed under the None key
         raise ValueError("more cells than header columns")
+    for name, value in raw.items():
+        bad = next((ch for ch in value or "" if _is_control(ch)), None)
+        if bad is not None:
+            raise ValueError(f"{name} holds the control character U+{ord(bad):04X}")
     study_uid, accession = cell("study_uid"), cell("accession_number")
     if not study_uid and not accession:
         raise ValueError("neither study_uid nor accession_number given")
@@ -123,6 +143,11 @@ def _parse_row(line: int, raw: dict[str, str | None]) -> _Row:
         except ValueError as exc:
             raise ValueError(f"date {when!r} is not an ISO date YYYY-MM-DD") from exc
     return _Row(line, study_uid, accession, label, source, when or None)
+
+
+def _is_control(ch: str) -> bool:
+    """NUL and other control or separator characters that have no place in a cell."""
+    return unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Cs")
 
 
 def _find_study(s: Session, row: _Row) -> Study:
@@ -177,9 +202,13 @@ def read_rows(path: Path, report: ImportReport) -> list[_Row]:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise LabelFileError(f"cannot read label file {path}: {exc}") from exc
-    reader = csv.DictReader(text.splitlines())
-    header = [h.strip() for h in (reader.fieldnames or [])]
-    reader.fieldnames = header
+    # The csv module, not splitlines(): a \x0b or U+2028 inside a quoted cell is not a
+    # line break, and a record's number is its position among the records.
+    records = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = [h.strip() for h in next(records, [])]
+    except csv.Error as exc:
+        raise LabelFileError(f"label file {path}: {exc}") from exc
     needed = {"label", "source", "date"}
     if not needed <= set(header) or not {"study_uid", "accession_number"} & set(header):
         raise LabelFileError(
@@ -187,24 +216,81 @@ def read_rows(path: Path, report: ImportReport) -> list[_Row]:
             f"(study_uid or accession_number may be left out); found {','.join(header)}"
         )
     rows: list[_Row] = []
-    for raw in reader:
-        line = reader.line_num
-        if not any((v or "").strip() for k, v in raw.items() if k is not None):
+    line = 1
+    while True:
+        line += 1
+        try:
+            cells = next(records)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            report.rows += 1
+            report.errors.append(RowError(line, f"not a CSV record: {exc}"))
             continue
+        if not any(c.strip() for c in cells):
+            continue
+        raw: dict[str | None, str | None] = dict(zip(header, cells, strict=False))
+        if len(cells) > len(header):
+            raw[None] = ",".join(cells[len(header):])
         report.rows += 1
         try:
-            rows.append(_parse_row(line, raw))
+            rows.append(_parse_row(line, raw))  # type: ignore[arg-type]
         except ValueError as exc:
             report.errors.append(RowError(line, str(exc)))
     return rows
 
 
-def import_labels(db: Database, path: Path) -> ImportReport:
-    """Import a label CSV.  Valid rows are committed even when other rows fail."""
+@contextmanager
+def import_lock(db: Database, waiting: Callable[[str], None] | None = None) -> Iterator[None]:
+    """One import at a time: a PostgreSQL advisory lock (across hosts), else a file lock in
+    the data dir (SQLite lives there).  ``waiting`` hears, once, that another import runs."""
+    message = "another labels import is running; waiting for it to finish"
+    if db.engine.dialect.name == "postgresql":
+        with db.engine.connect() as conn:
+            got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": _PG_LOCK_KEY})
+            if not got.scalar():
+                (waiting or log.warning)(message)
+                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _PG_LOCK_KEY})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_LOCK_KEY})
+                conn.commit()
+        return
+    lock_path = db.settings.data_dir / _LOCK_FILE
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            (waiting or log.warning)(message)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def import_labels(db: Database, path: Path,
+                  waiting: Callable[[str], None] | None = None) -> ImportReport:
+    """Import a label CSV.  Valid rows are committed (in batches) even when other rows
+    fail; a concurrent import waits for this one (``waiting`` hears that it does)."""
     path = Path(path)
     report = ImportReport(path=str(path))
     rows = read_rows(path, report)
     seen: dict[int, _Row] = {}
+    with import_lock(db, waiting):
+        for start in range(0, len(rows), BATCH_ROWS):
+            _import_batch(db, rows[start:start + BATCH_ROWS], seen, report)
+    report.errors.sort(key=lambda e: e.line)
+    log.info("labels imported file=%s %s", path.name, report.summary())
+    return report
+
+
+def _import_batch(db: Database, rows: list[_Row], seen: dict[int, _Row],
+                  report: ImportReport) -> None:
+    """One short transaction for a batch of rows."""
     with db.session() as s:
         for row in rows:
             try:
@@ -225,9 +311,6 @@ def import_labels(db: Database, path: Path) -> ImportReport:
                 continue
             seen[study.id] = row
             _apply(s, study, row, report)
-    report.errors.sort(key=lambda e: e.line)
-    log.info("labels imported file=%s %s", path.name, report.summary())
-    return report
 
 
 def current_labels(db: Database) -> dict[int, int]:

@@ -210,7 +210,8 @@ def cmd_labels_import(args: argparse.Namespace, settings: Settings) -> int:
     label_file_error = _require("trainer.labels", "LabelFileError")
     db = _database(settings)
     try:
-        report = import_labels(db, path)
+        report = import_labels(db, path,
+                               waiting=lambda message: print(message, file=sys.stderr))
     except label_file_error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
