@@ -226,6 +226,11 @@ class Settings:
     # Operations
     metrics_port: int = 0  # 0: no metrics endpoint
     web_port: int = 8080
+
+    # Web page access: a bearer token and/or basic credentials; required beyond localhost
+    web_auth_token: str = ""
+    web_auth_user: str = ""
+    web_auth_password: str = ""
     log_level: str = "INFO"
 
     # ----- derived values ------------------------------------------------------------
@@ -299,6 +304,8 @@ class Settings:
             elif isinstance(value, tuple):
                 value = [str(v) if isinstance(v, Destination)
                          else dict(v) if isinstance(v, SelectionRule) else v for v in value]
+            if f.name in ("web_auth_token", "web_auth_password") and value:
+                value = "***"
             if f.name.endswith("_url") and isinstance(value, str) and "@" in value:
                 scheme, _, rest = value.partition("://")
                 value = f"{scheme}://***@{rest.split('@', 1)[1]}"
@@ -443,6 +450,8 @@ def _validate(s: Settings) -> None:
     _check_callers(s)
     if s.log_level.upper() not in _LOG_LEVELS:
         raise SettingsError(f"log_level {s.log_level!r} must be one of {', '.join(_LOG_LEVELS)}")
+    if bool(s.web_auth_user) != bool(s.web_auth_password):
+        raise SettingsError("web_auth_user and web_auth_password must be given together")
     if not _DEVICE_RE.fullmatch(s.device):
         raise SettingsError(f"device {s.device!r} must be auto, cpu, mps, cuda or cuda:N")
     if s.heatmap_method not in ("gradcam", "occlusion"):

@@ -123,6 +123,9 @@ def test_compose_has_every_process_on_an_internal_backend() -> None:
     assert "delivery" in services["delivery-worker"]["command"]
     assert {"cxr-data", "pg-data", "redis-data"} <= set(compose["volumes"])
     assert "postgres" not in json.dumps(services["postgres"].get("ports", []))
+    # Everything published beyond the host asks for credentials.
+    assert "CXR_WEB_AUTH_TOKEN" in services["web"]["environment"]
+    assert any(str(c).startswith("--basic-auth=") for c in services["flower"]["command"])
 
 
 def test_docker_compose_config_accepts_the_file() -> None:
@@ -139,7 +142,8 @@ def test_docker_compose_config_accepts_the_file() -> None:
         pytest.skip("neither the docker compose plugin nor docker-compose is installed")
     r = subprocess.run([*command, "-f", str(DEPLOY / "compose.yaml"), "config"],
                        capture_output=True, text=True, timeout=60, cwd=DEPLOY,
-                       env={**os.environ, "POSTGRES_PASSWORD": "test"})
+                       env={**os.environ, "POSTGRES_PASSWORD": "test",
+                            "CXR_WEB_AUTH_TOKEN": "t", "FLOWER_BASIC_AUTH": "u:p"})
     assert r.returncode == 0, r.stderr
     assert "services:" in r.stdout and "dicom-node:" in r.stdout, r.stdout[:2000]
 

@@ -259,9 +259,14 @@ def cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
     from worker.web import serve_forever
+    from worker.web_security import WebBindError
 
     port = settings.web_port if args.port is None else args.port
-    serve_forever(settings, args.host, port)
+    try:
+        serve_forever(settings, args.host, port)
+    except WebBindError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_OK
 
 

@@ -23,6 +23,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 from db.session import Database
 from db.settings import Settings
+from worker import web_security
 
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "web_static"
@@ -231,12 +232,29 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def end_headers(self) -> None:
+        for name, value in web_security.SECURITY_HEADERS.items():
+            self.send_header(name, value)
+        super().end_headers()
+
+    def _unauthorised(self) -> None:
+        body = b"authentication required\n"
+        self.send_response(HTTPStatus.UNAUTHORIZED)
+        self.send_header("WWW-Authenticate", web_security.challenge(self.server.settings))
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def _not_found(self, what: str) -> None:
         self._send(HTTPStatus.NOT_FOUND, f"not found: {what}\n".encode(), "text/plain")
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib name
         path = unquote(urlsplit(self.path).path)
         app = self.server
+        if not web_security.authorised(self.headers.get("Authorization"), app.settings,
+                                         path):
+            return self._unauthorised()
         try:
             if path in ("/", "/index.html"):
                 page = render_page(load_page_data(app.db, app.settings))
@@ -275,10 +293,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _heatmap(self, ident: str) -> None:
         from db.models import Prediction
 
-        if not ident.isdigit():
+        pred_id = web_security.parse_id(ident)
+        if pred_id is None:
             return self._not_found("heatmap")
         with self.server.db.session() as s:
-            pred = s.get(Prediction, int(ident))
+            pred = s.get(Prediction, pred_id)
             stored = pred.heatmap_path if pred is not None else None
         if not stored or not Path(stored).is_file():
             return self._not_found("heatmap")
@@ -310,6 +329,7 @@ class WebServer(ThreadingHTTPServer):
 
         from worker.metrics import DatabaseCollector
 
+        web_security.check_bind(host, settings)
         self.settings = settings
         self.db = Database(settings)
         # The database gauges, scraped here once per installation (README, "Monitoring").
