@@ -50,7 +50,7 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
 #: Metric reasons for refusals that are our infrastructure's fault (answered 0xA700).
 _REJECT_REASONS = {"SpoolFullError": "disk_full", "SpoolWriteError": "write_failed",
-                   "RecordError": "record_failed"}
+                   "RecordError": "record_failed", "SpoolIdentityError": "spool_missing"}
 STATUS_PROCESSING_FAILURE = 0x0110
 STATUS_SOP_CLASS_MISMATCH = 0xA900
 

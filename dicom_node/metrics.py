@@ -36,7 +36,8 @@ def instance_received(modality: str | None = None) -> None:
 
 def instance_rejected(reason: str) -> None:
     """The listener refused an instance or an association; ``reason`` is a short fixed
-    word: ``unreadable``, ``disk_full``, ``write_failed``, ``record_failed``, ``caller``."""
+    word: ``unreadable``, ``invalid`` (bad UID, SOP class outside its context),
+    ``disk_full``, ``write_failed``, ``spool_missing``, ``record_failed``, ``caller``."""
     INSTANCES_REJECTED.labels(reason=label(reason)).inc()
 
 
