@@ -170,6 +170,30 @@ def test_peers_stalled_mid_pdu_lose_their_slots_within_the_network_timeout(
     assert node_proc.proc is not None and node_proc.proc.poll() is None
 
 
+def test_a_peer_stalled_inside_a_p_data_pdu_after_association_loses_its_slot(
+    node_proc: NodeProcess, tmp_path: Path
+) -> None:
+    timeout = 2.0
+    node_proc.start("--max-associations", "1", "--network-timeout", str(timeout),
+                    "--acse-timeout", "1")
+    ae = AE(ae_title="STORESCU")
+    ae.requested_contexts = [build_context(DX_STORAGE, [ExplicitVRLittleEndian])]
+    assoc = ae.associate("127.0.0.1", node_proc.port, ae_title="CXR_TRIAGE")
+    assert assoc.is_established
+    # A P-DATA-TF PDU that announces 4000 bytes, of which 10 arrive; then silence.
+    raw = assoc.dul.socket.socket  # type: ignore[union-attr]
+    started = time.monotonic()
+    raw.sendall(b"\x04\x00" + struct.pack(">I", 4000) + b"\x00" * 10)
+    wait_until(lambda: not assoc.is_established, timeout=timeout + 5,
+               what="the listener dropping the stalled association")
+    elapsed = time.monotonic() - started
+    assert elapsed <= timeout + 2.0, f"slot held {elapsed:.1f} s"
+    time.sleep(0.5)
+    f = make_study_files(tmp_path / "in", n=1)
+    assert send_files_pynetdicom(node_proc.port, f, ExplicitVRLittleEndian, DX_STORAGE) == [0]
+    assert node_proc.proc is not None and node_proc.proc.poll() is None
+
+
 def test_a_vanished_spool_is_refused_and_nothing_is_written_underneath(
     node_proc: NodeProcess, settings: Settings, tmp_path: Path
 ) -> None:
