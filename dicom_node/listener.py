@@ -202,6 +202,12 @@ class StoreService:
         dataset_buffer = request.DataSet.getbuffer()  # type: ignore[union-attr]
         try:
             header = ingest.parse_header(dataset_buffer, event.context.transfer_syntax)
+            if ingest.own_object(header):
+                self._count(event, "duplicates")
+                log.info("own object ignored sop=%s series=%s study=%s calling_ae=%s "
+                         "status=0x0000", header.sop_uid, header.series_uid,
+                         header.study_uid, calling_ae)
+                return STATUS_SUCCESS
             preamble = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
             outcome = ingest.ingest(
                 self.db, self.settings.spool_dir, header, (preamble, dataset_buffer),

@@ -7,6 +7,7 @@ can be deterministic).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from dicom_node.atomic import write_atomically
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -72,9 +75,16 @@ def write_dataset(ds: Dataset, directory: Path) -> Path:
     A temporary file in the same directory is written, fsynced and renamed, then the
     directory is fsynced, so a crash leaves either the whole file or none: the delivery
     worker never sends half an object.
+
+    The first file written under a UID is kept: a UID names one content (see
+    :mod:`dicom_node.identity`), and a rebuild of it (with, say, a later Content Time)
+    must not change the bytes that were, or will be, sent under that UID.
     """
-    return write_atomically(directory / f"{ds.SOPInstanceUID}.dcm",
-                            lambda fh: ds.save_as(fh, enforce_file_format=True))
+    path = directory / f"{ds.SOPInstanceUID}.dcm"
+    if path.is_file():
+        log.info("outbox keeps the first file of sop=%s", ds.SOPInstanceUID)
+        return path
+    return write_atomically(path, lambda fh: ds.save_as(fh, enforce_file_format=True))
 
 
 __all__ = [

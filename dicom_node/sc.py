@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 
 import highdicom as hd
+import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node import identity
 from dicom_node.burnin import MAX_SIDE, Caption, render
@@ -24,6 +26,8 @@ log = logging.getLogger(__name__)
 
 SC_SERIES_DESCRIPTION = "AI HEATMAP - NOT FOR DIAGNOSTIC USE"
 _ORIENTATION_LETTERS = frozenset("APLRHF")
+# Changes whenever this module changes what it writes, so new content gets new UIDs.
+_BUILD = "sc-2"
 
 
 def _source_orientation(header: Dataset) -> tuple[str, str] | None:
@@ -60,6 +64,13 @@ def build_heatmap_sc(scored: ScoredImage, model: ModelInfo, max_side: int = MAX_
     pixels = render(scored.image01, scored.heatmap, caption, max_side=max_side)
     study_uid = str(header.StudyInstanceUID)
     source_uid = str(header.SOPInstanceUID)
+    digest = identity.content_digest(
+        _BUILD, hd.__version__, pydicom.__version__, header, scored.image01,
+        scored.heatmap, float(scored.probability),
+        [model.name, model.version, model.sha256, model.architecture, model.threshold,
+         model.heatmap_method, model.manufacturer],
+        max_side, institution_name or None,
+    )
     orientation = _source_orientation(header)
     with no_person_name_warnings():
         sc = hd.sc.SCImage.from_ref_dataset(
@@ -72,7 +83,7 @@ def build_heatmap_sc(scored: ScoredImage, model: ModelInfo, max_side: int = MAX_
                                                     model.sha256),
             series_number=identity.series_number(identity.SC, model.version),
             sop_instance_uid=identity.instance_uid(identity.SC, [source_uid], model.version,
-                                                   model.sha256),
+                                                   model.sha256, digest),
             instance_number=_instance_number(header),
             manufacturer=model.manufacturer[:64],
             # highdicom insists on an orientation for the PATIENT system; where the source
@@ -80,6 +91,7 @@ def build_heatmap_sc(scored: ScoredImage, model: ModelInfo, max_side: int = MAX_
             # no orientation is invented.
             patient_orientation=orientation or ("L", "F"),
             contributing_equipment=[contributing_equipment(model)],
+            transfer_syntax_uid=ExplicitVRLittleEndian,
         )
     if orientation is None:
         sc.PatientOrientation = None  # type: ignore[assignment]

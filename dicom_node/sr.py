@@ -24,15 +24,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
+import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node import identity
 from dicom_node.conformance import no_person_name_warnings, sanitise_source
 from dicom_node.results import AnalysisResult, ModelInfo, PredecessorRef
 
 log = logging.getLogger(__name__)
+
+# Changes whenever this module changes what it writes, so new content gets new UIDs.
+_BUILD = "sr-2"
 
 COVID19 = Code("840539006", "SCT", "COVID-19")
 PRESENT = Code("52101004", "SCT", "Present")
@@ -176,8 +181,26 @@ def _classification_group(
     )
 
 
+def _content_uid(kind: str, headers: Sequence[Dataset], model: ModelInfo,
+                 predecessor: PredecessorRef | None, institution_name: str | None,
+                 *content: object) -> str:
+    """The SOP Instance UID of an SR: a digest of everything that shapes its content."""
+    digest = identity.content_digest(
+        _BUILD, hd.__version__, pydicom.__version__, kind, list(headers),
+        [model.name, model.version, model.sha256, model.architecture, model.threshold,
+         model.heatmap_method, model.manufacturer],
+        None if predecessor is None else [
+            predecessor.study_instance_uid, predecessor.series_instance_uid,
+            predecessor.sop_class_uid, predecessor.sop_instance_uid],
+        institution_name or None, list(content),
+    )
+    return identity.instance_uid(kind, [str(h.SOPInstanceUID) for h in headers],
+                                 model.version, model.sha256, digest)
+
+
 def _document(
     kind: str,
+    sop_uid: str,
     headers: Sequence[Dataset],
     model: ModelInfo,
     groups: Sequence[hd.sr.MeasurementsAndQualitativeEvaluations],
@@ -185,8 +208,11 @@ def _document(
     institution_name: str | None,
     series_description: str,
 ) -> hd.sr.Comprehensive3DSR:
-    source_uids = [str(h.SOPInstanceUID) for h in headers]
     study_uid = str(headers[0].StudyInstanceUID)
+    if predecessor is not None and predecessor.sop_instance_uid == sop_uid:
+        # Never name ourselves: the same UID means the same content, not a new version.
+        log.warning("SR %s: predecessor is the object itself; not referenced", sop_uid)
+        predecessor = None
     report = hd.sr.MeasurementReport(
         observation_context=_device_observer(model),
         procedure_reported=CHEST_XRAY,
@@ -200,14 +226,14 @@ def _document(
             series_instance_uid=identity.series_uid(kind, study_uid, model.version,
                                                     model.sha256),
             series_number=identity.series_number(identity.SR, model.version),
-            sop_instance_uid=identity.instance_uid(kind, source_uids, model.version,
-                                                   model.sha256),
+            sop_instance_uid=sop_uid,
             instance_number=1,
             manufacturer=model.manufacturer[:64],
             is_complete=True,
             institution_name=institution_name or None,
             previous_versions=[_predecessor_dataset(predecessor)] if predecessor else None,
             contributing_equipment=[contributing_equipment(model)],
+            transfer_syntax_uid=ExplicitVRLittleEndian,
         )
     sr.SeriesDescription = series_description
     return sr
@@ -218,9 +244,10 @@ def build_sr(result: AnalysisResult, institution_name: str | None = None) -> Dat
     if not result.scored:
         raise ValueError("an analysed result needs at least one scored image")
     headers = [sanitise_source(s.source) for s in result.scored]
-    sop_uid = identity.instance_uid(
-        identity.SR, [str(h.SOPInstanceUID) for h in headers],
-        result.model.version, result.model.sha256,
+    sop_uid = _content_uid(
+        identity.SR, headers, result.model, result.predecessor, institution_name,
+        SR_SERIES_DESCRIPTION, result.study_probability, result.positive,
+        [s.probability for s in result.scored],
     )
     groups = [
         _classification_group(
@@ -236,7 +263,7 @@ def build_sr(result: AnalysisResult, institution_name: str | None = None) -> Dat
             )
             for s, h in zip(result.scored, headers, strict=True)
         )
-    sr = _document(identity.SR, headers, result.model, groups, result.predecessor,
+    sr = _document(identity.SR, sop_uid, headers, result.model, groups, result.predecessor,
                    institution_name, SR_SERIES_DESCRIPTION)
     # The worker's call is authoritative; a disagreement with the threshold is worth a line.
     if result.positive != (result.study_probability >= result.model.threshold):
@@ -262,10 +289,8 @@ def build_not_analysed_sr(
     if not sources:
         raise ValueError("a not-analysed report needs at least one source instance")
     headers = [sanitise_source(s) for s in sources]
-    sop_uid = identity.instance_uid(
-        identity.NOT_ANALYSED_SR, [str(h.SOPInstanceUID) for h in headers],
-        model.version, model.sha256,
-    )
+    sop_uid = _content_uid(identity.NOT_ANALYSED_SR, headers, model, predecessor,
+                           institution_name, NOT_ANALYSED_SERIES_DESCRIPTION, reason)
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=identity.uid_from("tracking", sop_uid, "not-analysed"),
@@ -278,7 +303,7 @@ def build_not_analysed_sr(
         name=COMMENT, value=f"Not analysed: {reason}"[:1024],
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     ))
-    sr = _document(identity.NOT_ANALYSED_SR, headers, model, [group], predecessor,
+    sr = _document(identity.NOT_ANALYSED_SR, sop_uid, headers, model, [group], predecessor,
                    institution_name, NOT_ANALYSED_SERIES_DESCRIPTION)
     log.info("built not-analysed SR %s for study %s", sr.SOPInstanceUID, sr.StudyInstanceUID)
     return sr
@@ -290,9 +315,19 @@ def _num(group: hd.sr.MeasurementsAndQualitativeEvaluations, name: Code) -> floa
 
 
 def read_result(ds: Dataset) -> SrReadback:
-    """Read the finding, probability and threshold back from one of our SRs."""
-    sr = hd.sr.Comprehensive3DSR.from_dataset(ds)
-    content: hd.sr.MeasurementReport = sr.content  # type: ignore[assignment]
+    """Read the finding, probability and threshold back from one of our SRs, in any of
+    the classes it may have been sent in."""
+    readers: dict[str, type[hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR
+                             | hd.sr.EnhancedSR]] = {
+        pydicom.uid.Comprehensive3DSRStorage: hd.sr.Comprehensive3DSR,
+        pydicom.uid.ComprehensiveSRStorage: hd.sr.ComprehensiveSR,
+        pydicom.uid.EnhancedSRStorage: hd.sr.EnhancedSR,
+    }
+    reader = readers.get(str(ds.SOPClassUID))
+    if reader is None:
+        raise ValueError(f"not one of our SR classes: {ds.SOPClassUID}")
+    sr = reader.from_dataset(ds)
+    content: hd.sr.MeasurementReport = sr.content
     groups = content.get_image_measurement_groups(finding_type=COVID19)
     study = next((g for g in groups if g.tracking_identifier != IMAGE_GROUP_ID), None)
     present: bool | None = None

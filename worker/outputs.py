@@ -51,6 +51,7 @@ class PreviousSr:
     sop_instance_uid: str
     model_version: str
     model_sha256: str
+    path: str | None = None  # the outbox file it was delivered from
 
 
 def model_info(model: LoadedProductionModel, settings: Settings) -> ModelInfo:
@@ -72,7 +73,8 @@ def predecessor_ref(settings: Settings, study_uid: str,
     builder derived it."""
     if previous is None:
         return None
-    path = study_outbox(settings, study_uid) / f"{previous.sop_instance_uid}.dcm"
+    path = (Path(previous.path) if previous.path else
+            study_outbox(settings, study_uid) / f"{previous.sop_instance_uid}.dcm")
     if path.is_file():
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         return PredecessorRef(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
