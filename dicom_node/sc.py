@@ -18,7 +18,12 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node import identity
 from dicom_node.burnin import MAX_SIDE, Caption, render
-from dicom_node.conformance import no_person_name_warnings, sanitise_source
+from dicom_node.conformance import (
+    build_charset,
+    no_person_name_warnings,
+    restore_source_text,
+    sanitise_source,
+)
 from dicom_node.results import ModelInfo, ScoredImage
 from dicom_node.sr import contributing_equipment
 
@@ -92,11 +97,13 @@ def build_heatmap_sc(scored: ScoredImage, model: ModelInfo, max_side: int = MAX_
             patient_orientation=orientation or ("L", "F"),
             contributing_equipment=[contributing_equipment(model)],
             transfer_syntax_uid=ExplicitVRLittleEndian,
+            specific_character_set=build_charset(header),
         )
     if orientation is None:
         sc.PatientOrientation = None  # type: ignore[assignment]
     # Faithful copy of the Patient and Study modules beyond highdicom's core attributes.
     sc.copy_patient_and_study_information(header)
+    restore_source_text(sc, header)
     sc.SeriesDescription = SC_SERIES_DESCRIPTION
     # Laterality is Type 2C in General Series: needed for paired body parts. With a known
     # (unpaired) chest it stays out; without a body part it is present and empty, unless

@@ -31,7 +31,12 @@ from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node import identity
-from dicom_node.conformance import no_person_name_warnings, sanitise_source
+from dicom_node.conformance import (
+    build_charset,
+    no_person_name_warnings,
+    restore_source_text,
+    sanitise_source,
+)
 from dicom_node.results import AnalysisResult, ModelInfo, PredecessorRef
 
 log = logging.getLogger(__name__)
@@ -234,7 +239,9 @@ def _document(
             previous_versions=[_predecessor_dataset(predecessor)] if predecessor else None,
             contributing_equipment=[contributing_equipment(model)],
             transfer_syntax_uid=ExplicitVRLittleEndian,
+            specific_character_set=build_charset(headers[0]),
         )
+    restore_source_text(sr, headers[0])
     sr.SeriesDescription = series_description
     return sr
 
