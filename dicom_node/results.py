@@ -58,8 +58,33 @@ class PredecessorRef:
 
 
 @dataclass(frozen=True)
+class FindingConcept:
+    """A coded concept (code value, scheme, meaning) without a pydicom dependency."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One study-level finding of the SR: its concept, the probability, the threshold the
+    call was made at, and the call.  Adding a finding to a report is adding one of these
+    to :attr:`AnalysisResult.extra_findings`."""
+
+    concept: FindingConcept
+    probability: float
+    threshold: float
+    call: bool
+
+
+@dataclass(frozen=True)
 class AnalysisResult:
-    """A study's outcome: the study-level call and the images it rests on."""
+    """A study's outcome: the study-level call and the images it rests on.
+
+    ``study_probability``/``positive`` are the COVID-19 finding at the model's threshold;
+    ``extra_findings`` are further study-level findings reported beside it.
+    """
 
     study_probability: float
     positive: bool
@@ -67,6 +92,7 @@ class AnalysisResult:
     model: ModelInfo
     predecessor: PredecessorRef | None = None
     not_analysed_reason: str | None = None
+    extra_findings: tuple[Finding, ...] = ()
 
 
 def write_dataset(ds: Dataset, directory: Path) -> Path:
@@ -89,6 +115,8 @@ def write_dataset(ds: Dataset, directory: Path) -> Path:
 
 __all__ = [
     "AnalysisResult",
+    "Finding",
+    "FindingConcept",
     "ModelInfo",
     "PredecessorRef",
     "ScoredImage",
