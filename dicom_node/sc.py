@@ -17,7 +17,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node import identity
-from dicom_node.burnin import MAX_SIDE, Caption, render
+from dicom_node.burnin import BAR_TITLE, MAX_SIDE, Caption, render
 from dicom_node.conformance import (
     build_charset,
     no_person_name_warnings,
@@ -44,6 +44,38 @@ def _source_orientation(header: Dataset) -> tuple[str, str] | None:
     if row in _ORIENTATION_LETTERS and col in _ORIENTATION_LETTERS:
         return row, col
     return None
+
+
+# Lossy transfer syntaxes and the Lossy Image Compression Method each one means (PS3.3
+# C.7.6.1.1.5.1).
+_LOSSY_METHODS = {
+    "1.2.840.10008.1.2.4.50": "ISO_10918_1",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51": "ISO_10918_1",  # JPEG Extended
+    "1.2.840.10008.1.2.4.81": "ISO_14495_1",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.91": "ISO_15444_1",  # JPEG 2000
+    "1.2.840.10008.1.2.4.203": "ISO_15444_15",  # HTJ2K
+    "1.2.840.10008.1.2.4.100": "ISO_13818_2",  # MPEG2
+}
+
+
+def _carry_lossy_compression(sc: Dataset, header: Dataset) -> None:
+    """Lossy Image Compression of a derived image: "01" once any ancestor was lossy
+    (PS3.3 C.7.6.1.1.5), with the source's ratio and method where it states them, or the
+    method its transfer syntax implies."""
+    stated = str(header.get("LossyImageCompression", "") or "")
+    ts = str(getattr(getattr(header, "file_meta", None), "TransferSyntaxUID", "") or "")
+    lossy = stated == "01" or ts in _LOSSY_METHODS
+    if not lossy:
+        if stated == "00":
+            sc.LossyImageCompression = "00"
+        return
+    sc.LossyImageCompression = "01"
+    if header.get("LossyImageCompressionRatio"):
+        sc.LossyImageCompressionRatio = header.LossyImageCompressionRatio
+    if header.get("LossyImageCompressionMethod"):
+        sc.LossyImageCompressionMethod = header.LossyImageCompressionMethod
+    elif ts in _LOSSY_METHODS:
+        sc.LossyImageCompressionMethod = _LOSSY_METHODS[ts]
 
 
 def _instance_number(header: Dataset) -> int:
@@ -115,10 +147,18 @@ def build_heatmap_sc(scored: ScoredImage, model: ModelInfo, max_side: int = MAX_
     elif "Laterality" not in sc:
         sc.Laterality = None  # type: ignore[assignment]
     sc.BurnedInAnnotation = "YES"
-    sc.RecognizableVisualFeatures = "YES"
+    # Copied, never asserted: whether a face could be recognised is the source's to say.
+    if header.get("RecognizableVisualFeatures") in ("YES", "NO"):
+        sc.RecognizableVisualFeatures = header.RecognizableVisualFeatures
+    elif "RecognizableVisualFeatures" in sc:
+        del sc.RecognizableVisualFeatures
+    _carry_lossy_compression(sc, header)
     if institution_name:
         sc.InstitutionName = institution_name[:64]
-    sc.ImageComments = " / ".join(caption.lines())[:10240]
+    lines = caption.lines()
+    if scored.heatmap is not None:
+        lines.append(f"colour bar: {BAR_TITLE}")
+    sc.ImageComments = " / ".join(lines)[:10240]
     sc.DerivationDescription = (
         f"{model.heatmap_method} heatmap of {model.name} {model.version} over the source "
         "radiograph"
