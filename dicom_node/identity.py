@@ -32,7 +32,9 @@ _NAMESPACE = uuid.UUID("8f0c2f4e-3b1d-5a4e-9a57-6c7872747269")
 SR = "sr"
 SC = "sc"
 NOT_ANALYSED_SR = "sr-not-analysed"
-_KINDS = (SR, SC, NOT_ANALYSED_SR)
+GSPS = "gsps"
+KOS = "kos"
+_KINDS = (SR, SC, NOT_ANALYSED_SR, GSPS, KOS)
 
 
 # "cxrt": the first 32 bits of every UUID we derive.
@@ -157,6 +159,8 @@ def device_uid(model_version: str, model_sha256: str) -> str:
 
 
 __all__ = [
+    "GSPS",
+    "KOS",
     "NOT_ANALYSED_SR",
     "content_digest",
     "is_own_uid",

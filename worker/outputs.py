@@ -127,6 +127,7 @@ def write_outputs(
     outputs.append(OutputFile("sr", str(sr.SOPInstanceUID), write_dataset(sr, folder)))
     for sc in build_scs(analysis, settings):
         outputs.append(OutputFile("sc", str(sc.SOPInstanceUID), write_dataset(sc, folder)))
+    outputs.extend(_viewer_objects(analysis, settings, folder))
     log.info("outputs written study_uid=%s sr_uid=%s objects=%s", claim.study_uid,
              sr.SOPInstanceUID, len(outputs))
     return outputs, str(sr.SOPInstanceUID)
@@ -143,4 +144,24 @@ def build_scs(analysis: AnalysisResult, settings: Settings) -> list[Dataset]:
         sc: Any = build_heatmap_sc(image, analysis.model,
                                    institution_name=settings.institution_name or None)
         out.append(sc)
+    return out
+
+
+def _viewer_objects(analysis: AnalysisResult, settings: Settings,
+                    folder: Path) -> list[OutputFile]:
+    """The optional GSPS per scored image and KOS for a positive study (default off)."""
+    from dicom_node.presentation import build_hotspot_gsps, build_positive_kos
+
+    out: list[OutputFile] = []
+    institution = settings.institution_name or None
+    if settings.hotspot_presentation_state:
+        for image in analysis.scored:
+            gsps = build_hotspot_gsps(image, analysis.model, institution)
+            if gsps is not None:
+                out.append(OutputFile("gsps", str(gsps.SOPInstanceUID),
+                                      write_dataset(gsps, folder)))
+    if settings.key_object_for_positive and analysis.positive:
+        kos = build_positive_kos([i.source for i in analysis.scored], analysis.model,
+                                 institution)
+        out.append(OutputFile("kos", str(kos.SOPInstanceUID), write_dataset(kos, folder)))
     return out
