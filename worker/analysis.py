@@ -424,7 +424,7 @@ def previous_sr(db: Database, study_id: int) -> Any:
     with db.session() as s:
         rows = s.execute(
             select(Delivery.sop_instance_uid, Delivery.path, Delivery.state,
-                   ModelVersion.version, ModelVersion.sha256)
+                   ModelVersion.version, ModelVersion.sha256, Delivery.reason)
             .join(Analysis, Analysis.id == Delivery.analysis_id)
             .join(ModelVersion, ModelVersion.id == Analysis.model_version_id)
             .where(Delivery.study_id == study_id, Delivery.kind == "sr",
@@ -436,7 +436,12 @@ def previous_sr(db: Database, study_id: int) -> Any:
     if not candidates:
         return None
     row = candidates[0]
-    return PreviousSr(str(row[0]), str(row[3]), str(row[4]), path=str(row[1]))
+    from worker.delivery import parse_sent_as
+
+    # Delivered in another SR class: the PACS holds that object, so it is the one named.
+    sent_as = parse_sent_as(row[5]) if row[2] == DeliveryState.DELIVERED else None
+    return PreviousSr(str(row[0]), str(row[3]), str(row[4]), path=str(row[1]),
+                      sent_as=sent_as)
 
 
 # ---------------------------------------------------------------------------- the whole

@@ -39,6 +39,18 @@ from worker import metrics
 
 log = logging.getLogger(__name__)
 
+#: Reason prefix of a row delivered in another SOP class: "sent as <class UID> <UID>".
+SENT_AS = "sent as"
+
+
+def parse_sent_as(reason: str | None) -> tuple[str, str] | None:
+    """(SOP Class UID, SOP Instance UID) of the variant a row was delivered as, if any."""
+    parts = (reason or "").split()
+    if len(parts) == 4 and " ".join(parts[:2]) == SENT_AS:
+        return parts[2], parts[3]
+    return None
+
+
 #: A message may arrive this much before its row is due (clock skew, countdown rounding).
 EARLY_SLACK = timedelta(seconds=2)
 
@@ -204,7 +216,7 @@ def _record_with(s: Session, settings: Settings, delivery_id: int, result: SendR
         current.reason = None
         if result.sent_uid and result.sent_uid != current.sop_instance_uid:
             # Sent in another class the PACS accepted: the object there has its own UID.
-            current.reason = f"sent as {result.sent_sop_class} {result.sent_uid}"
+            current.reason = f"{SENT_AS} {result.sent_sop_class} {result.sent_uid}"
         log.info("delivered kind=%s sop_uid=%s sent_uid=%s ts=%s destination=%s status=%s "
                  "attempts=%s", current.kind, current.sop_instance_uid, result.sent_uid,
                  result.transfer_syntax, current.destination, result.status,

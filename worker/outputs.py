@@ -52,6 +52,7 @@ class PreviousSr:
     model_version: str
     model_sha256: str
     path: str | None = None  # the outbox file it was delivered from
+    sent_as: tuple[str, str] | None = None  # (class, UID) it was delivered as, if another
 
 
 def model_info(model: LoadedProductionModel, settings: Settings) -> ModelInfo:
@@ -77,8 +78,10 @@ def predecessor_ref(settings: Settings, study_uid: str,
             study_outbox(settings, study_uid) / f"{previous.sop_instance_uid}.dcm")
     if path.is_file():
         ds = pydicom.dcmread(path, stop_before_pixels=True)
+        sop_class, sop_uid = previous.sent_as or (str(ds.SOPClassUID),
+                                                  str(ds.SOPInstanceUID))
         return PredecessorRef(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
-                              str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+                              sop_class, sop_uid)
     return PredecessorRef(
         study_uid,
         identity.series_uid(identity.SR, study_uid, previous.model_version,
