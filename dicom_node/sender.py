@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,8 +59,20 @@ from dicom_node.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
-# pynetdicom sends a file path's data set in chunks straight from the file, as it is.
-_config.STORE_SEND_CHUNKED_DATASET = True
+_CHUNKED_LOCK = threading.Lock()
+
+
+@contextmanager
+def _chunked_sends() -> Iterator[None]:
+    """Make pynetdicom send a file path's data set in chunks straight from the file, as
+    it is (a process-wide switch: set for our sends only, and restored)."""
+    with _CHUNKED_LOCK:
+        before = _config.STORE_SEND_CHUNKED_DATASET
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        try:
+            yield
+        finally:
+            _config.STORE_SEND_CHUNKED_DATASET = before
 
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 #: Lossless syntaxes proposed for images, best first (each has an encoder here).
@@ -237,7 +251,8 @@ def _store(assoc: Association, path: Path, ds: Dataset,
     sop_class, ts = choice
     target = _variant(path, sop_class, ts)
     sent_uid = str(dcmread(target, stop_before_pixels=True).SOPInstanceUID)
-    response = assoc.send_c_store(target)
+    with _chunked_sends():
+        response = assoc.send_c_store(target)
     status = response.get("Status") if response else None
     if status is None:
         outcome = SendOutcome(None, False, False,
