@@ -205,6 +205,9 @@ class Settings:
     not_analysed_report: bool = False
     institution_name: str = ""
     manufacturer: str = "cxr-triage"
+    # Optional viewer-native results (GSPS hotspot per image, KOS for positive studies)
+    hotspot_presentation_state: bool = False
+    key_object_for_positive: bool = False
 
     # Trainer
     target_sensitivity: float = 0.98

@@ -18,6 +18,8 @@ TURBO_LUT: np.ndarray = (colormaps["turbo"](np.linspace(0.0, 1.0, 256))[:, :3] *
 ).astype(np.uint8)
 
 MAX_SIDE = 1024
+#: The colour bar's title: its 0-1 scale is the heatmap's, not a probability.
+BAR_TITLE = "relative attention, not probability"
 MAX_ALPHA = 0.55
 
 
@@ -124,7 +126,8 @@ def _bar_layout(height: int) -> tuple[int, int, int]:
     font_px = max(MIN_FONT_PX, round(height / 40))
     strip_w = max(8, font_px)
     label_w = round(_font(font_px).getlength("0.0"))
-    return font_px, strip_w, 3 + strip_w + 5 + label_w + 4
+    # The title runs up the bar's right-hand side, rotated: one line of text tall.
+    return font_px, strip_w, 3 + strip_w + 5 + label_w + 4 + font_px + 4
 
 
 def render(image01: np.ndarray, heatmap01: np.ndarray | None, caption: Caption,
@@ -178,6 +181,23 @@ def _draw_colour_bar(canvas: Image.Image, draw: ImageDraw.ImageDraw, x0: int, y0
         draw.line([(x0 + 3 + strip_w, ty), (x0 + 6 + strip_w, ty)], fill=(255, 255, 255))
         draw.text((x0 + 8 + strip_w, ty), f"{value:.1f}", fill=(255, 255, 255), font=font,
                   anchor="lm")
+    _draw_bar_title(canvas, x0 + 8 + strip_w + round(font.getlength("0.0")) + 4,
+                    y0 + margin, bar_h, font_px)
 
 
-__all__ = ["Caption", "TURBO_LUT", "colorize", "overlay", "render", "target_size"]
+def _draw_bar_title(canvas: Image.Image, x: int, y: int, length: int, font_px: int) -> None:
+    """:data:`BAR_TITLE` written bottom to top beside the bar, shrunk to fit its length."""
+    size = font_px
+    font = _font(size)
+    while size > 6 and font.getlength(BAR_TITLE) > length:
+        size -= 1
+        font = _font(size)
+    text_w = min(length, round(font.getlength(BAR_TITLE)) + 2)
+    strip = Image.new("RGB", (text_w, font_px + 2), (0, 0, 0))
+    ImageDraw.Draw(strip).text((0, (font_px + 2) // 2), BAR_TITLE, fill=(255, 255, 255),
+                               font=font, anchor="lm")
+    rotated = strip.rotate(90, expand=True)
+    canvas.paste(rotated, (x, y + (length - rotated.height) // 2))
+
+
+__all__ = ["BAR_TITLE", "Caption", "TURBO_LUT", "colorize", "overlay", "render", "target_size"]

@@ -18,6 +18,7 @@ import logging
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from copy import deepcopy
 from typing import Any
 
 from pydicom import config
@@ -90,6 +91,102 @@ def value_is_valid(elem: DataElement) -> bool:
     return allowed is None or str(elem.value) in allowed
 
 
+# Single-byte repertoires with code extensions, and the same repertoire without (PS3.3
+# C.12.1.1.2, Tables C.12-2 and C.12-3): alone, "ISO 2022 IR 100" means "ISO_IR 100".
+_EXTENSION_TO_PLAIN = {
+    f"ISO 2022 IR {n}": f"ISO_IR {n}"
+    for n in (100, 101, 109, 110, 144, 127, 126, 138, 148, 203, 13, 166)
+}
+_DEFAULT_REPERTOIRE = "ISO 2022 IR 6"
+_MULTI_BYTE_EXTENSIONS = frozenset({"ISO 2022 IR 87", "ISO 2022 IR 159",
+                                    "ISO 2022 IR 149", "ISO 2022 IR 58"})
+
+# Stands in for a legal Specific Character Set that highdicom refuses even normalised
+# (it lacks ISO 2022 IR 149 and 58): every value is a Python string until pydicom encodes
+# it on writing, with the source's own value that :func:`restore_source_text` puts back.
+BUILD_CHARSET = "ISO_IR 192"
+
+# Text of the Patient and Study modules that our objects copy from their source: written
+# back as the source's own element, so its bytes (escape sequences, trailing delimiters)
+# stay exactly as the modality wrote them.
+_VERBATIM = frozenset({
+    "PatientName", "PatientID", "IssuerOfPatientID", "OtherPatientNames",
+    "PatientBirthName", "PatientMotherBirthName", "PatientComments",
+    "ReferringPhysicianName", "StudyDescription", "AccessionNumber", "StudyID",
+})
+
+
+def normalise_charset(value: Any) -> list[str] | str | None:
+    """Specific Character Set in the form the standard defines and highdicom accepts.
+
+    - an empty first value (``\\ISO 2022 IR 87``) is the default repertoire with code
+      extensions: it becomes ``ISO 2022 IR 6`` (PS3.3 C.12.1.1.2);
+    - the default repertoire alone (``ISO 2022 IR 6``, or empty values) is no value;
+    - a multi-byte set alone is switched to from the default repertoire;
+    - one single-byte repertoire with code extensions and nothing to switch to is that
+      repertoire without them (``ISO 2022 IR 100`` -> ``ISO_IR 100``);
+    - values are stripped of padding; anything else is kept as it is.
+    """
+    if value is None:
+        return None
+    values = [str(v).strip() for v in _values(value)]
+    if not values or all(v == "" for v in values):
+        return None
+    if len(values) > 1 and values[0] == "":
+        values[0] = _DEFAULT_REPERTOIRE
+    values = [v for i, v in enumerate(values) if v or i == 0]
+    if len(values) == 1:
+        only = values[0]
+        if only in ("", _DEFAULT_REPERTOIRE, "ISO_IR 6"):
+            return None
+        if only in _MULTI_BYTE_EXTENSIONS:
+            return [_DEFAULT_REPERTOIRE, only]
+        return _EXTENSION_TO_PLAIN.get(only, only)
+    return values
+
+
+def _highdicom_accepts(charset: str | list[str]) -> bool:
+    from highdicom.valuerep import _check_specific_character_set
+
+    try:
+        _check_specific_character_set(charset)
+    except ValueError:
+        return False
+    return True
+
+
+def build_charset(header: Dataset) -> str | list[str] | None:
+    """The Specific Character Set to hand highdicom for ``header``: its own where
+    highdicom accepts it, else its normalised form (:func:`normalise_charset`), else
+    :data:`BUILD_CHARSET`.  Never fails."""
+    value = header.get("SpecificCharacterSet")
+    if value is None:
+        return None
+    charset = list(value) if isinstance(value, MultiValue) else str(value)
+    if _highdicom_accepts(charset):
+        return charset
+    normalised = normalise_charset(value)
+    if normalised is None or _highdicom_accepts(normalised):
+        return normalised
+    return BUILD_CHARSET
+
+
+def restore_source_text(built: Dataset, header: Dataset) -> None:
+    """Give ``built`` the source's own Specific Character Set and copied text back.
+
+    The source's value is kept as it was, an empty first value included: it is legal,
+    and Orthanc, for one, decodes ``\\ISO 2022 IR 87`` but not ``ISO 2022 IR 6\\ISO 2022
+    IR 87``.  The Patient and Study text elements are the source's, byte for byte.
+    """
+    if "SpecificCharacterSet" in header:
+        built.SpecificCharacterSet = header.SpecificCharacterSet
+    elif "SpecificCharacterSet" in built:
+        del built.SpecificCharacterSet
+    for elem in header:
+        if elem.keyword in _VERBATIM and elem.keyword in built:
+            built[elem.tag] = deepcopy(elem)
+
+
 def sanitise_source(source: Dataset) -> Dataset:
     """A header-only copy of ``source`` that our builders and validators accept.
 
@@ -143,7 +240,11 @@ def no_person_name_warnings() -> Iterator[None]:
 
 
 __all__ = [
+    "BUILD_CHARSET",
+    "build_charset",
     "no_person_name_warnings",
+    "normalise_charset",
+    "restore_source_text",
     "REQUIRED_UIDS",
     "TYPE2_PATIENT_STUDY",
     "sanitise_source",

@@ -179,6 +179,15 @@ def parse_header(encoded: memoryview | bytes, transfer_syntax: str) -> Header:
     return header
 
 
+def own_object(header: Header) -> bool:
+    """Whether the instance is one cxr-triage produced (an SR, SC ... routed back by the
+    PACS): its SOP Instance or Series Instance UID carries our UID marker.  Such an
+    instance is acknowledged but neither stored nor allowed to re-open its study."""
+    from dicom_node.identity import is_own_uid
+
+    return is_own_uid(header.sop_uid) or is_own_uid(header.series_uid)
+
+
 @dataclass(frozen=True)
 class IngestOutcome:
     """What happened to one received instance."""

@@ -212,6 +212,12 @@ class StoreService:
         try:
             header = ingest.parse_header(dataset_buffer, event.context.transfer_syntax)
             header = store_checks.validate(header, event.context.abstract_syntax)
+            if ingest.own_object(header):
+                self._count(event, "duplicates")
+                log.info("own object ignored sop=%s series=%s study=%s calling_ae=%s "
+                         "status=0x0000", header.sop_uid, header.series_uid,
+                         header.study_uid, calling_ae)
+                return STATUS_SUCCESS
             if self.marker is not None:
                 self.marker.check()
             preamble = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)

@@ -7,6 +7,7 @@ can be deterministic).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from pydicom.dataset import Dataset
 
 from db import paths
 from dicom_node.atomic import write_atomically
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,33 @@ class PredecessorRef:
 
 
 @dataclass(frozen=True)
+class FindingConcept:
+    """A coded concept (code value, scheme, meaning) without a pydicom dependency."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One study-level finding of the SR: its concept, the probability, the threshold the
+    call was made at, and the call.  Adding a finding to a report is adding one of these
+    to :attr:`AnalysisResult.extra_findings`."""
+
+    concept: FindingConcept
+    probability: float
+    threshold: float
+    call: bool
+
+
+@dataclass(frozen=True)
 class AnalysisResult:
-    """A study's outcome: the study-level call and the images it rests on."""
+    """A study's outcome: the study-level call and the images it rests on.
+
+    ``study_probability``/``positive`` are the COVID-19 finding at the model's threshold;
+    ``extra_findings`` are further study-level findings reported beside it.
+    """
 
     study_probability: float
     positive: bool
@@ -65,6 +93,7 @@ class AnalysisResult:
     model: ModelInfo
     predecessor: PredecessorRef | None = None
     not_analysed_reason: str | None = None
+    extra_findings: tuple[Finding, ...] = ()
 
 
 def write_dataset(ds: Dataset, directory: Path) -> Path:
@@ -73,14 +102,23 @@ def write_dataset(ds: Dataset, directory: Path) -> Path:
     A temporary file in the same directory is written, fsynced and renamed, then the
     directory is fsynced, so a crash leaves either the whole file or none: the delivery
     worker never sends half an object.
+
+    The first file written under a UID is kept: a UID names one content (see
+    :mod:`dicom_node.identity`), and a rebuild of it (with, say, a later Content Time)
+    must not change the bytes that were, or will be, sent under that UID.
     """
     target = paths.under(directory, f"{paths.uid_name(str(ds.SOPInstanceUID))}.dcm")
+    if target.is_file():
+        log.info("outbox keeps the first file of sop=%s", ds.SOPInstanceUID)
+        return target
     return write_atomically(target,
                             lambda fh: ds.save_as(fh, enforce_file_format=True))
 
 
 __all__ = [
     "AnalysisResult",
+    "Finding",
+    "FindingConcept",
     "ModelInfo",
     "PredecessorRef",
     "ScoredImage",

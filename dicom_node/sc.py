@@ -11,12 +11,19 @@ from __future__ import annotations
 import logging
 
 import highdicom as hd
+import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node import identity
-from dicom_node.burnin import MAX_SIDE, Caption, render
-from dicom_node.conformance import no_person_name_warnings, sanitise_source
+from dicom_node.burnin import BAR_TITLE, MAX_SIDE, Caption, render
+from dicom_node.conformance import (
+    build_charset,
+    no_person_name_warnings,
+    restore_source_text,
+    sanitise_source,
+)
 from dicom_node.results import ModelInfo, ScoredImage
 from dicom_node.sr import contributing_equipment
 
@@ -24,6 +31,8 @@ log = logging.getLogger(__name__)
 
 SC_SERIES_DESCRIPTION = "AI HEATMAP - NOT FOR DIAGNOSTIC USE"
 _ORIENTATION_LETTERS = frozenset("APLRHF")
+# Changes whenever this module changes what it writes, so new content gets new UIDs.
+_BUILD = "sc-2"
 
 
 def _source_orientation(header: Dataset) -> tuple[str, str] | None:
@@ -35,6 +44,38 @@ def _source_orientation(header: Dataset) -> tuple[str, str] | None:
     if row in _ORIENTATION_LETTERS and col in _ORIENTATION_LETTERS:
         return row, col
     return None
+
+
+# Lossy transfer syntaxes and the Lossy Image Compression Method each one means (PS3.3
+# C.7.6.1.1.5.1).
+_LOSSY_METHODS = {
+    "1.2.840.10008.1.2.4.50": "ISO_10918_1",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51": "ISO_10918_1",  # JPEG Extended
+    "1.2.840.10008.1.2.4.81": "ISO_14495_1",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.91": "ISO_15444_1",  # JPEG 2000
+    "1.2.840.10008.1.2.4.203": "ISO_15444_15",  # HTJ2K
+    "1.2.840.10008.1.2.4.100": "ISO_13818_2",  # MPEG2
+}
+
+
+def _carry_lossy_compression(sc: Dataset, header: Dataset) -> None:
+    """Lossy Image Compression of a derived image: "01" once any ancestor was lossy
+    (PS3.3 C.7.6.1.1.5), with the source's ratio and method where it states them, or the
+    method its transfer syntax implies."""
+    stated = str(header.get("LossyImageCompression", "") or "")
+    ts = str(getattr(getattr(header, "file_meta", None), "TransferSyntaxUID", "") or "")
+    lossy = stated == "01" or ts in _LOSSY_METHODS
+    if not lossy:
+        if stated == "00":
+            sc.LossyImageCompression = "00"
+        return
+    sc.LossyImageCompression = "01"
+    if header.get("LossyImageCompressionRatio"):
+        sc.LossyImageCompressionRatio = header.LossyImageCompressionRatio
+    if header.get("LossyImageCompressionMethod"):
+        sc.LossyImageCompressionMethod = header.LossyImageCompressionMethod
+    elif ts in _LOSSY_METHODS:
+        sc.LossyImageCompressionMethod = _LOSSY_METHODS[ts]
 
 
 def _instance_number(header: Dataset) -> int:
@@ -60,6 +101,13 @@ def build_heatmap_sc(scored: ScoredImage, model: ModelInfo, max_side: int = MAX_
     pixels = render(scored.image01, scored.heatmap, caption, max_side=max_side)
     study_uid = str(header.StudyInstanceUID)
     source_uid = str(header.SOPInstanceUID)
+    digest = identity.content_digest(
+        _BUILD, hd.__version__, pydicom.__version__, header, scored.image01,
+        scored.heatmap, float(scored.probability),
+        [model.name, model.version, model.sha256, model.architecture, model.threshold,
+         model.heatmap_method, model.manufacturer],
+        max_side, institution_name or None,
+    )
     orientation = _source_orientation(header)
     with no_person_name_warnings():
         sc = hd.sc.SCImage.from_ref_dataset(
@@ -72,7 +120,7 @@ def build_heatmap_sc(scored: ScoredImage, model: ModelInfo, max_side: int = MAX_
                                                     model.sha256),
             series_number=identity.series_number(identity.SC, model.version),
             sop_instance_uid=identity.instance_uid(identity.SC, [source_uid], model.version,
-                                                   model.sha256),
+                                                   model.sha256, digest),
             instance_number=_instance_number(header),
             manufacturer=model.manufacturer[:64],
             # highdicom insists on an orientation for the PATIENT system; where the source
@@ -80,11 +128,14 @@ def build_heatmap_sc(scored: ScoredImage, model: ModelInfo, max_side: int = MAX_
             # no orientation is invented.
             patient_orientation=orientation or ("L", "F"),
             contributing_equipment=[contributing_equipment(model)],
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+            specific_character_set=build_charset(header),
         )
     if orientation is None:
         sc.PatientOrientation = None  # type: ignore[assignment]
     # Faithful copy of the Patient and Study modules beyond highdicom's core attributes.
     sc.copy_patient_and_study_information(header)
+    restore_source_text(sc, header)
     sc.SeriesDescription = SC_SERIES_DESCRIPTION
     # Laterality is Type 2C in General Series: needed for paired body parts. With a known
     # (unpaired) chest it stays out; without a body part it is present and empty, unless
@@ -96,10 +147,18 @@ def build_heatmap_sc(scored: ScoredImage, model: ModelInfo, max_side: int = MAX_
     elif "Laterality" not in sc:
         sc.Laterality = None  # type: ignore[assignment]
     sc.BurnedInAnnotation = "YES"
-    sc.RecognizableVisualFeatures = "YES"
+    # Copied, never asserted: whether a face could be recognised is the source's to say.
+    if header.get("RecognizableVisualFeatures") in ("YES", "NO"):
+        sc.RecognizableVisualFeatures = header.RecognizableVisualFeatures
+    elif "RecognizableVisualFeatures" in sc:
+        del sc.RecognizableVisualFeatures
+    _carry_lossy_compression(sc, header)
     if institution_name:
         sc.InstitutionName = institution_name[:64]
-    sc.ImageComments = " / ".join(caption.lines())[:10240]
+    lines = caption.lines()
+    if scored.heatmap is not None:
+        lines.append(f"colour bar: {BAR_TITLE}")
+    sc.ImageComments = " / ".join(lines)[:10240]
     sc.DerivationDescription = (
         f"{model.heatmap_method} heatmap of {model.name} {model.version} over the source "
         "radiograph"

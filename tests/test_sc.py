@@ -81,7 +81,7 @@ def test_render_draws_caption_and_colour_bar() -> None:
     banner = out.shape[0] - 200
     assert banner > 0 and out.shape[1] > 300
     assert out[:banner].max() > 200, "no caption text drawn"
-    bar = out[banner:, 300:]
+    bar = out[banner:, 300:312]  # the colour strip, left of its labels and title
     top, bottom = bar[20:30].reshape(-1, 3), bar[-30:-20].reshape(-1, 3)
     # The bar's top shows the hot end of the scale and its bottom the cold end.
     assert top[:, 0].max() > top[:, 2].max()
@@ -132,3 +132,54 @@ def test_sc_without_heatmap_still_carries_the_caption(tmp_path: Path) -> None:
 def test_overlay_rejects_non_2d_images(shape: tuple[int, ...]) -> None:
     with pytest.raises(ValueError, match="2-D"):
         overlay(np.zeros(shape, dtype=np.float32), None)
+
+
+# --------------------------------------------------------- what the source says, carried
+@pytest.mark.parametrize(
+    ("stated", "syntax", "expected"),
+    [
+        ({"LossyImageCompression": "01", "LossyImageCompressionRatio": "12.5",
+          "LossyImageCompressionMethod": "ISO_10918_1"}, None,
+         ("01", "12.5", "ISO_10918_1")),
+        ({}, "1.2.840.10008.1.2.4.50", ("01", None, "ISO_10918_1")),
+        ({"LossyImageCompression": "00"}, None, ("00", None, None)),
+        ({}, None, (None, None, None)),
+    ],
+)
+def test_lossy_image_compression_is_carried_from_the_source(  # type: ignore[no-untyped-def]
+        tmp_path: Path, stated, syntax, expected) -> None:
+    source = make_cxr(rows=64, cols=64)
+    for keyword, value in stated.items():
+        setattr(source, keyword, value)
+    image = scored(source, 0.4)
+    if syntax:
+        source.file_meta.TransferSyntaxUID = syntax  # from here on only the header is read
+    sc = _check(build_heatmap_sc(image, make_model()), tmp_path)
+    got = tuple(str(sc[k].value) if k in sc else None
+                for k in ("LossyImageCompression", "LossyImageCompressionRatio",
+                          "LossyImageCompressionMethod"))
+    assert got == expected
+
+
+@pytest.mark.parametrize("value", ["YES", "NO", None])
+def test_recognizable_visual_features_is_copied_never_asserted(tmp_path: Path,
+                                                               value: str | None) -> None:
+    source = make_cxr(rows=64, cols=64)
+    if value:
+        source.RecognizableVisualFeatures = value
+    sc = _check(build_heatmap_sc(scored(source, 0.4), make_model()), tmp_path)
+    assert sc.get("RecognizableVisualFeatures") == value
+
+
+def test_colour_bar_is_titled_as_attention_not_probability(tmp_path: Path) -> None:
+    from dicom_node.burnin import BAR_TITLE
+
+    image = np.zeros((300, 200), dtype=np.float32)
+    out = render(image, np.zeros_like(image), Caption(0.3, 0.5, "m", "v1", "gradcam"))
+    banner = out.shape[0] - 300
+    bar = out[banner:, 200:]
+    # The title column, right of the tick labels, has white text along the bar.
+    title_column = bar[:, -12:]
+    assert (title_column.max(axis=2) > 200).sum() > 50
+    sc = build_heatmap_sc(scored(make_cxr(rows=64, cols=64), 0.4), make_model())
+    assert BAR_TITLE in sc.ImageComments

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
@@ -33,13 +34,19 @@ class _Scp:
     """A real Storage SCP on a free port answering every C-STORE with one status."""
 
     def __init__(self, status: int, transfer_syntaxes: list[str],
-                 require_calling_aet: list[str] | None = None) -> None:
+                 require_calling_aet: list[str] | None = None,
+                 classes: list[str] | None = None) -> None:
         self.status = status
         self.received: list[str] = []
+        self.stored: list[tuple[str, str, str]] = []  # (class, syntax, association id)
+        self.datasets: list[Dataset] = []
         self.nodelay: list[int] = []
         self.port = free_port()
         ae = AE(ae_title="TEST_SCP")
-        ae.add_supported_context(COMPREHENSIVE_3D_SR, transfer_syntaxes)
+        for sop_class in classes or [COMPREHENSIVE_3D_SR]:
+            for ts in transfer_syntaxes:
+                # One context per syntax, so the SCP may accept several of one class.
+                ae.add_supported_context(sop_class, [ts])
         if require_calling_aet:
             ae.require_calling_aet = require_calling_aet
         self.server: ThreadedAssociationServer = ae.start_server(
@@ -48,7 +55,12 @@ class _Scp:
         )
 
     def _on_store(self, event: Event) -> int:
-        self.received.append(str(event.dataset.SOPInstanceUID))
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        self.received.append(str(ds.SOPInstanceUID))
+        self.datasets.append(ds)
+        self.stored.append((str(event.context.abstract_syntax),
+                            str(event.context.transfer_syntax), str(id(event.assoc))))
         return self.status
 
     @property
@@ -61,8 +73,10 @@ def scp_factory() -> Iterator[object]:
     servers: list[_Scp] = []
 
     def start(status: int, transfer_syntaxes: list[str] | None = None,
-              require_calling_aet: list[str] | None = None) -> _Scp:
-        scp = _Scp(status, transfer_syntaxes or [ExplicitVRLittleEndian], require_calling_aet)
+              require_calling_aet: list[str] | None = None,
+              classes: list[str] | None = None) -> _Scp:
+        scp = _Scp(status, transfer_syntaxes or [ExplicitVRLittleEndian], require_calling_aet,
+                   classes)
         servers.append(scp)
         return scp
 
@@ -119,7 +133,10 @@ def test_unsupported_sop_class_is_reported(tmp_path: Path, scp_factory) -> None:
     scp = scp_factory(0x0000)
     image = write_dataset(make_cxr(rows=8, cols=8), tmp_path)
     outcome = send_file(image, scp.destination, "CXR_TRIAGE", timeout=10)
-    assert not outcome.ok and "presentation context" in outcome.reason
+    assert not outcome.ok and outcome.permanent
+    assert outcome.reason == "PACS does not accept Digital X-Ray Image Storage - For " \
+        "Presentation"
+    assert scp.received == []
 
 
 def test_unreadable_file_is_bad_input(tmp_path: Path) -> None:
@@ -151,3 +168,95 @@ def test_nodelay_is_set_on_the_association_socket(sr_file: Path, scp_factory,  #
     scp = scp_factory(0x0000)
     assert send_file(sr_file, scp.destination, "CXR_TRIAGE", timeout=10).ok
     assert seen == [1]
+
+
+# ----------------------------------------------------------- negotiation with fallback
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+ENHANCED_SR = "1.2.840.10008.5.1.4.1.1.88.22"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+@pytest.fixture
+def sc_file(tmp_path: Path) -> Path:
+    from dicom_node.sc import build_heatmap_sc
+    from tests.support.results_factory import make_model, scored
+
+    return write_dataset(build_heatmap_sc(scored(make_cxr(rows=96, cols=80), 0.6),
+                                          make_model()), tmp_path)
+
+
+@pytest.mark.parametrize("accepted", [COMPREHENSIVE_SR, ENHANCED_SR])
+def test_sr_is_sent_in_the_class_the_pacs_accepts(sr_file: Path, scp_factory,  # type: ignore[no-untyped-def]
+                                                  accepted: str) -> None:
+    from dicom_node import identity
+    from dicom_node.sr import read_result
+
+    scp = scp_factory(0x0000, classes=[accepted])
+    outcome = send_file(sr_file, scp.destination, "CXR_TRIAGE", timeout=10)
+    assert outcome.ok, outcome.reason
+    assert outcome.sent_sop_class == accepted
+    [received] = scp.datasets
+    assert received.SOPClassUID == accepted
+    # Another class is another object: a UID of its own, ours, stable across sends.
+    assert outcome.sent_uid == received.SOPInstanceUID != sr_file.stem
+    assert identity.is_own_uid(outcome.sent_uid)
+    assert read_result(received).probability == pytest.approx(0.8)
+    again = send_file(sr_file, scp.destination, "CXR_TRIAGE", timeout=10)
+    assert again.sent_uid == outcome.sent_uid
+    assert len(list(sr_file.parent.glob(f"{sr_file.stem}.*.dcm"))) == 1
+
+
+def test_pacs_without_any_sr_class_fails_at_once_and_for_good(sr_file: Path,  # type: ignore[no-untyped-def]
+                                                             scp_factory) -> None:
+    scp = scp_factory(0x0000, classes=[CT_IMAGE])
+    outcome = send_file(sr_file, scp.destination, "CXR_TRIAGE", timeout=10)
+    assert not outcome.ok and outcome.permanent
+    assert outcome.reason == "PACS does not accept Comprehensive 3D SR Storage"
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90",
+                                    "1.2.840.10008.1.2.5", ImplicitVRLittleEndian])
+def test_sc_goes_compressed_where_accepted_with_the_same_pixels(  # type: ignore[no-untyped-def]
+        sc_file: Path, scp_factory, syntax: str) -> None:
+    import numpy as np
+    import pydicom
+
+    scp = scp_factory(0x0000, [syntax], classes=[SECONDARY_CAPTURE])
+    outcome = send_file(sc_file, scp.destination, "CXR_TRIAGE", timeout=10)
+    assert outcome.ok, outcome.reason
+    assert outcome.transfer_syntax == syntax and outcome.sent_uid == sc_file.stem
+    [received] = scp.datasets
+    assert received.file_meta.TransferSyntaxUID == syntax
+    original = pydicom.dcmread(sc_file)
+    assert np.array_equal(received.pixel_array, original.pixel_array)
+
+
+def test_sc_prefers_lossless_compression_over_uncompressed(sc_file: Path,  # type: ignore[no-untyped-def]
+                                                           scp_factory) -> None:
+    scp = scp_factory(0x0000, [ExplicitVRLittleEndian, "1.2.840.10008.1.2.5"],
+                      classes=[SECONDARY_CAPTURE])
+    outcome = send_file(sc_file, scp.destination, "CXR_TRIAGE", timeout=10)
+    assert outcome.ok and outcome.transfer_syntax == "1.2.840.10008.1.2.5"
+
+
+def test_sr_and_sc_of_a_study_share_one_association(sr_file: Path, sc_file: Path,  # type: ignore[no-untyped-def]
+                                                    scp_factory) -> None:
+    from dicom_node.sender import send_files
+
+    scp = scp_factory(0x0000, classes=[COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE])
+    outcomes = send_files([sr_file, sc_file], scp.destination, "CXR_TRIAGE", timeout=10)
+    assert [o.ok for o in outcomes] == [True, True]
+    assert len({assoc for _c, _t, assoc in scp.stored}) == 1
+    assert [c for c, _t, _a in scp.stored] == [COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE]
+
+
+def test_one_refused_class_does_not_stop_the_others(sr_file: Path, sc_file: Path,  # type: ignore[no-untyped-def]
+                                                    scp_factory) -> None:
+    from dicom_node.sender import send_files
+
+    scp = scp_factory(0x0000, classes=[SECONDARY_CAPTURE])
+    sr_out, sc_out = send_files([sr_file, sc_file], scp.destination, "CXR_TRIAGE",
+                                timeout=10)
+    assert sr_out.permanent and not sr_out.ok
+    assert sc_out.ok and scp.received == [sc_file.stem]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import shutil
+import subprocess
 from pathlib import Path
 
 import highdicom as hd
@@ -114,7 +116,9 @@ def test_negative_call_below_threshold(tmp_path: Path) -> None:
     assert readback.finding_present is False
     assert readback.probability == pytest.approx(0.2)
     assert readback.threshold == pytest.approx(0.42)
-    assert readback.image_probabilities == {}  # one image: the study group says it all
+    # One image still has its own group: its probability and its hotspot.
+    assert readback.image_probabilities == {sources[0].SOPInstanceUID: pytest.approx(0.2)}
+    assert set(readback.hotspots) == {sources[0].SOPInstanceUID}
 
 
 def test_reanalysis_references_the_previous_sr(tmp_path: Path) -> None:
@@ -228,3 +232,128 @@ def test_outputs_read_back_without_validation_warnings(tmp_path: Path) -> None:
             warnings.simplefilter("error")
             for _ in pydicom.dcmread(path).iterall():
                 pass
+
+
+# ------------------------------------------------------------------ IHE AI Results detail
+def _dsrdump(path: Path) -> str:
+    if shutil.which("dsrdump") is None:
+        pytest.skip("dsrdump (DCMTK) is not installed")
+    proc = subprocess.run(["dsrdump", "+Pc", "+Pl", str(path)], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def _dcentvfy(path: Path) -> list[str]:
+    if shutil.which("dcentvfy") is None:
+        pytest.skip("dcentvfy (dicom3tools) is not installed")
+    proc = subprocess.run(["dcentvfy", str(path)], capture_output=True, text=True,
+                          timeout=60, check=False)
+    return [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("Error")]
+
+
+def _cr(seed: int, study: str, **kwargs: object) -> pydicom.Dataset:
+    return make_cxr(study_uid=study, rows=200, cols=160, seed=seed, modality="CR",
+                    **kwargs)  # type: ignore[arg-type]
+
+
+def test_air_detail_reads_right_in_dsrdump(tmp_path: Path) -> None:
+    from tests.support.results_factory import blob_heatmap, pixels01
+
+    study = generate_uid()
+    sources = [_cr(1, study), _cr(2, study, view_position="LL")]
+    model = make_model(threshold=0.5)
+    result = make_result(sources, [0.2, 0.4], model=model)  # negative
+    built = build_sr(result)
+    back = _write_and_check(built, tmp_path)
+    dump = _dsrdump(tmp_path / f"{back.SOPInstanceUID}.dcm")
+    # Modality of the library from the sources (CR), not "Other".
+    assert '(CR,DCM,"Computed Radiography")' in dump and '"Other"' not in dump
+    # Two views scored: the two-view procedure.
+    assert '(36687-2,LN,"XR Chest 2 Views")' in dump
+    # The evaluation comes before the numbers, and it says Absent.
+    study_group = dump[dump.index("COVID-19 study classification"):]
+    assert study_group.index('=(272519000,SCT,"Absent")') < study_group.index('"Probability"')
+    # Finding site lung; the hotspot as a POINT on its source image.
+    assert '(39607008,SCT,"Lung")' in dump
+    assert "SCOORD" in dump and "POINT" in dump
+    # One tracking identifier per image group.
+    trackings = [ln for ln in dump.splitlines() if '"Tracking Identifier"' in ln]
+    assert len(trackings) == len(set(trackings)) == 3
+    # Observation UIDs on every content item, all distinct.
+    uids = [item.ObservationUID for _p, item in _walk_items(back)]
+    assert uids and len(uids) == len(set(uids))
+    # The equipment module names the model.
+    assert back.ManufacturerModelName == model.name
+    assert back.SoftwareVersions == model.version
+    # The hotspot is the heatmap's maximum on the source image, read back.
+    readback = read_result(back)
+    expected_col, expected_row = 0.33 * 160, 0.5 * 200
+    col, row = readback.hotspots[sources[0].SOPInstanceUID]
+    assert abs(col - expected_col) <= 1.5 and abs(row - expected_row) <= 1.5
+    assert blob_heatmap((200, 160)).shape == pixels01(sources[0]).shape
+
+
+def _walk_items(ds: pydicom.Dataset):  # type: ignore[no-untyped-def]
+    from dicom_node.sr import _walk
+
+    return _walk(ds.ContentSequence, "1")
+
+
+def test_procedure_reported_comes_from_the_source_when_it_names_one(tmp_path: Path) -> None:
+    sources = _study(1)
+    code = pydicom.Dataset()
+    code.CodeValue = "RPID16"
+    code.CodingSchemeDesignator = "RADLEX"
+    code.CodeMeaning = "XR CHEST 1 VIEW"
+    sources[0].ProcedureCodeSequence = [code]
+    back = _write_and_check(build_sr(make_result(sources)), tmp_path)
+    dump = _dsrdump(tmp_path / f"{back.SOPInstanceUID}.dcm")
+    assert '(RPID16,RADLEX,"XR CHEST 1 VIEW")' in dump
+    assert "36554-4" not in dump
+
+
+def test_not_analysed_report_has_no_finding_header(tmp_path: Path) -> None:
+    sources = _study(1, body_part="ABDOMEN")
+    back = _write_and_check(
+        build_not_analysed_sr(sources, "not a chest radiograph", make_model()), tmp_path)
+    dump = _dsrdump(tmp_path / f"{back.SOPInstanceUID}.dcm")
+    assert "COVID-19" not in dump and '"Finding"' not in dump
+    assert "Not analysed: not a chest radiograph" in dump
+    assert "36554-4" not in dump and '(363679005,SCT,"Imaging")' in dump
+
+
+def test_findings_are_a_list_and_a_second_one_is_reported_beside_covid(
+        tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from dicom_node.results import Finding, FindingConcept
+    from dicom_node.sr import read_findings
+
+    sources = _study(1)
+    pneumonia = Finding(FindingConcept("233604007", "SCT", "Pneumonia"), 0.81, 0.6, True)
+    result = replace(make_result(sources, [0.3], model=make_model(threshold=0.5)),
+                     extra_findings=(pneumonia,))
+    back = _write_and_check(build_sr(result), tmp_path)
+    found = read_findings(back)
+    assert [(f.code, f.present) for f in found] == [("840539006", False), ("233604007", True)]
+    assert found[1].probability == pytest.approx(0.81)
+    assert found[1].threshold == pytest.approx(0.6)
+    assert read_result(back).finding_present is False
+
+
+def test_dcentvfy_adds_no_error_to_the_sources(shared_dicom: Path, tmp_path: Path) -> None:
+    for path in chest_sources(shared_dicom):
+        source = pydicom.dcmread(path)
+        before = _dcentvfy(path)
+        sr_path = write_dataset(build_sr(make_result([source], [0.6])), tmp_path)
+        # dcentvfy checks that the entities in a set of files agree: source plus SR.
+        together = _dcentvfy_pair(path, sr_path)
+        new = [e for e in together if e not in before]
+        assert new == [], new
+
+
+def _dcentvfy_pair(a: Path, b: Path) -> list[str]:
+    proc = subprocess.run(["dcentvfy", str(a), str(b)], capture_output=True, text=True,
+                          timeout=60, check=False)
+    return [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("Error")]

@@ -170,3 +170,47 @@ def test_reanalysis_with_promoted_model_references_previous_sr(
         assert s.scalars(select(Delivery.id).where(Delivery.analysis_id == rows[0].id)).all()
     assert current and set(redeliver(db, wsettings, study_uid, app=make_celery(wsettings))) \
         == current
+
+
+@pytest.mark.parametrize("first_state", ["delivered-as-comprehensive", "failed"])
+def test_predecessor_is_what_the_pacs_holds(db: Database, wsettings: Settings,
+                                            tmp_path: Path, first_state: str) -> None:
+    """The next SR names the SR the PACS received (in the class it was sent as); a
+    delivery that failed reached no PACS and is not named."""
+    from db.models import DeliveryState
+    from dicom_node import identity
+
+    register_and_promote(db, wsettings, "m1")
+    ds = make_cxr(rows=64, cols=64)
+    study_id = add_study(db, wsettings, [write(ds, tmp_path / "a.dcm")])
+    cache = ModelCache(wsettings)
+    assert analyse_study(db, wsettings, cache, study_id, 1).status == "done"
+    comprehensive = "1.2.840.10008.5.1.4.1.1.88.33"
+    with db.session() as s:
+        row = s.scalars(select(Delivery).where(Delivery.kind == "sr")).one()
+        first_sr = row.sop_instance_uid
+        variant = identity.uid_from("class-variant", first_sr, comprehensive)
+        if first_state == "failed":
+            row.state = DeliveryState.FAILED
+            row.reason = "PACS does not accept Comprehensive 3D SR Storage"
+        else:
+            row.state = DeliveryState.DELIVERED
+            row.reason = f"sent as {comprehensive} {variant}"
+        study = s.get(Study, study_id)
+        assert study is not None
+        study.state = StudyState.QUEUED
+    register_and_promote(db, wsettings, "m2", seed=7)
+    assert analyse_study(db, wsettings, cache, study_id, 1).status == "done"
+    with db.session() as s:
+        new_path = s.scalars(select(Delivery.path).where(Delivery.kind == "sr")
+                             .order_by(Delivery.id.desc())).first()
+    sr = pydicom.dcmread(new_path)
+    if first_state == "failed":
+        assert "PredecessorDocumentsSequence" not in sr
+        return
+    [named] = [inst for study in sr.PredecessorDocumentsSequence
+               for series in study.ReferencedSeriesSequence
+               for inst in series.ReferencedSOPSequence]
+    assert (named.ReferencedSOPClassUID, named.ReferencedSOPInstanceUID) == \
+        (comprehensive, variant)
+    assert sr.SOPInstanceUID not in (first_sr, variant)

@@ -160,3 +160,53 @@ def test_missing_outbox_file_fails_at_once_with_its_reason(db: Database, setting
     row = _row(db, delivery_id)
     assert row.state == DeliveryState.FAILED and row.attempts == 1
     assert row.reason is not None and "outbox file missing" in row.reason
+
+
+def test_a_study_goes_over_one_association_and_a_refused_class_fails_at_once(
+        db: Database, settings: Settings, tmp_path: Path) -> None:
+    """SR and SC of a study share one association; a PACS without any SR class fails the
+    SR at once and for good, while the SC is delivered."""
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE, evt
+    from pynetdicom.events import Event
+
+    from dicom_node.results import write_dataset
+    from dicom_node.sc import build_heatmap_sc
+    from dicom_node.sr import build_sr
+    from tests.support.results_factory import make_model, make_result, scored
+
+    associations: list[int] = []
+    classes: list[str] = []
+
+    def on_store(event: Event) -> int:
+        associations.append(id(event.assoc))
+        classes.append(str(event.context.abstract_syntax))
+        return 0x0000
+
+    port = free_port()
+    ae = AE(ae_title="SC_ONLY")
+    ae.add_supported_context("1.2.840.10008.5.1.4.1.1.7", [ExplicitVRLittleEndian])
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        settings = settings.replace(pacs=f"SC_ONLY@127.0.0.1:{port}")
+        source = make_cxr(rows=64, cols=64)
+        src_path = write(source, tmp_path / "src.dcm")
+        study_id = add_study(db, settings, [src_path], state=StudyState.DONE)
+        sr = write_dataset(build_sr(make_result([source])), tmp_path / "out")
+        sc = write_dataset(build_heatmap_sc(scored(source, 0.8), make_model()),
+                           tmp_path / "out")
+        with db.session() as s:
+            rows = create_deliveries(s, settings, study_id, None, [
+                OutputFile("sr", sr.stem, sr), OutputFile("sc", sc.stem, sc)], utcnow())
+            sr_id, sc_id = rows[0].id, rows[1].id
+        outcome = deliver(db, settings, sr_id)
+        assert outcome.status == "failed"
+        assert outcome.reason == "PACS does not accept Comprehensive 3D SR Storage"
+        assert _row(db, sr_id).attempts == 1
+        assert _row(db, sc_id).state == DeliveryState.DELIVERED
+        assert classes == ["1.2.840.10008.5.1.4.1.1.7"] and len(set(associations)) == 1
+        # The SC's own message finds nothing left to do.
+        assert deliver(db, settings, sc_id).status == "noop"
+    finally:
+        server.shutdown()

@@ -435,19 +435,36 @@ def finish(
 
 
 def previous_sr(db: Database, study_id: int) -> Any:
-    """The SR of the study's latest earlier analysis, referenced as a predecessor."""
-    from db.models import ModelVersion
+    """The SR the study's next SR replaces, for its Predecessor Documents Sequence.
+
+    The latest SR of the study that reached the PACS; where none has yet, the latest one
+    still on its way there (pending or sending).  A failed delivery never reached the
+    PACS and is not named.
+    """
+    from db.models import Delivery, DeliveryState, ModelVersion
     from worker.outputs import PreviousSr
 
     with db.session() as s:
-        row = s.execute(
-            select(Analysis.sr_sop_instance_uid, ModelVersion.version, ModelVersion.sha256)
+        rows = s.execute(
+            select(Delivery.sop_instance_uid, Delivery.path, Delivery.state,
+                   ModelVersion.version, ModelVersion.sha256, Delivery.reason)
+            .join(Analysis, Analysis.id == Delivery.analysis_id)
             .join(ModelVersion, ModelVersion.id == Analysis.model_version_id)
-            .where(Analysis.study_id == study_id, Analysis.sr_sop_instance_uid.is_not(None))
-            .order_by(Analysis.finished_at.desc(), Analysis.id.desc())
-            .limit(1)
-        ).first()
-    return None if row is None else PreviousSr(str(row[0]), str(row[1]), str(row[2]))
+            .where(Delivery.study_id == study_id, Delivery.kind == "sr",
+                   Delivery.state != DeliveryState.FAILED)
+            .order_by(Delivery.id.desc())
+        ).all()
+    delivered = [r for r in rows if r[2] == DeliveryState.DELIVERED]
+    candidates = delivered or list(rows)
+    if not candidates:
+        return None
+    row = candidates[0]
+    from worker.delivery import parse_sent_as
+
+    # Delivered in another SR class: the PACS holds that object, so it is the one named.
+    sent_as = parse_sent_as(row[5]) if row[2] == DeliveryState.DELIVERED else None
+    return PreviousSr(str(row[0]), str(row[3]), str(row[4]), path=str(row[1]),
+                      sent_as=sent_as)
 
 
 # ---------------------------------------------------------------------------- the whole

@@ -34,10 +34,22 @@ from db.models import (
 from db.session import Database
 from db.settings import Destination, Settings
 from dicom_node.errors import BadInputError
-from dicom_node.sender import send_file
+from dicom_node.sender import SendOutcome, send_files
 from worker import metrics
 
 log = logging.getLogger(__name__)
+
+#: Reason prefix of a row delivered in another SOP class: "sent as <class UID> <UID>".
+SENT_AS = "sent as"
+
+
+def parse_sent_as(reason: str | None) -> tuple[str, str] | None:
+    """(SOP Class UID, SOP Instance UID) of the variant a row was delivered as, if any."""
+    parts = (reason or "").split()
+    if len(parts) == 4 and " ".join(parts[:2]) == SENT_AS:
+        return parts[2], parts[3]
+    return None
+
 
 #: A message may arrive this much before its row is due (clock skew, countdown rounding).
 EARLY_SLACK = timedelta(seconds=2)
@@ -62,7 +74,10 @@ class SendResult:
     ok: bool
     status: str | None
     reason: str | None
-    permanent: bool = False  # retrying cannot help (our outbox file is unusable)
+    permanent: bool = False  # retrying cannot help (unusable file, class refused)
+    sent_uid: str | None = None
+    sent_sop_class: str | None = None
+    transfer_syntax: str | None = None
 
 
 @dataclass(frozen=True)
@@ -86,7 +101,10 @@ def create_deliveries(s: Session, settings: Settings, study_id: int, analysis_id
                 Delivery.sop_instance_uid == obj.sop_instance_uid,
                 Delivery.destination == str(dest))).first()
             if existing is not None:
-                # Same object (deterministic UID) already in the outbox: never twice.
+                # Same content, same UID, already in the outbox: never twice.  It is part
+                # of this analysis's results too, so it follows the analysis (redeliver
+                # sends the current results).
+                existing.analysis_id = analysis_id
                 continue
             row = Delivery(
                 analysis_id=analysis_id, study_id=study_id, kind=obj.kind,
@@ -108,14 +126,52 @@ def backoff_seconds(settings: Settings, attempts: int) -> float:
 
 def send(path: Path, destination: Destination, calling_ae: str) -> SendResult:
     """One C-STORE of one file.  Warning statuses count as stored (see dicom_node.sender)."""
-    if not path.is_file():
-        return SendResult(False, None, f"outbox file missing: {path}", permanent=True)
-    try:
-        outcome = send_file(path, destination, calling_ae)
-    except BadInputError as exc:
-        return SendResult(False, None, f"outbox file unreadable: {exc}", permanent=True)
+    return send_many([path], destination, calling_ae)[0]
+
+
+def _result(outcome: SendOutcome) -> SendResult:
     status = None if outcome.status is None else f"0x{outcome.status:04X}"
-    return SendResult(outcome.ok, status, None if outcome.ok else outcome.reason)
+    return SendResult(outcome.ok, status, None if outcome.ok else outcome.reason,
+                      permanent=outcome.permanent, sent_uid=outcome.sent_uid,
+                      sent_sop_class=outcome.sent_sop_class,
+                      transfer_syntax=outcome.transfer_syntax)
+
+
+def send_many(paths: Sequence[Path], destination: Destination,
+              calling_ae: str) -> list[SendResult]:
+    """C-STORE of several files over one association; one result per path, in order.
+
+    A missing or unreadable file fails for good without stopping the others.
+    """
+    results: list[SendResult | None] = [None] * len(paths)
+    readable: list[int] = []
+    for i, path in enumerate(paths):
+        if not path.is_file():
+            results[i] = SendResult(False, None, f"outbox file missing: {path}",
+                                    permanent=True)
+            continue
+        try:
+            _read_check(path)
+        except BadInputError as exc:
+            results[i] = SendResult(False, None, f"outbox file unreadable: {exc}",
+                                    permanent=True)
+            continue
+        readable.append(i)
+    if readable:
+        outcomes = send_files([paths[i] for i in readable], destination, calling_ae)
+        for i, outcome in zip(readable, outcomes, strict=True):
+            results[i] = _result(outcome)
+    return [r for r in results if r is not None]
+
+
+def _read_check(path: Path) -> None:
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        dcmread(path, stop_before_pixels=True)
+    except (OSError, InvalidDicomError) as exc:
+        raise BadInputError(f"cannot read {path.name} for sending: {exc}") from exc
 
 
 def _claim(db: Database, delivery_id: int, now: datetime) -> Delivery | None:
@@ -133,57 +189,85 @@ def _claim(db: Database, delivery_id: int, now: datetime) -> Delivery | None:
         return s.get(Delivery, delivery_id)
 
 
+def _claim_siblings(db: Database, row: Delivery, now: datetime) -> list[Delivery]:
+    """The study's other due rows for the same destination, claimed to share the
+    association; each claim is the same conditional UPDATE as for the first row."""
+    with db.session() as s:
+        ids = s.scalars(select(Delivery.id).where(
+            Delivery.study_id == row.study_id, Delivery.destination == row.destination,
+            Delivery.id != row.id, Delivery.state == DeliveryState.PENDING,
+            Delivery.next_attempt_at <= now + EARLY_SLACK).order_by(Delivery.id)).all()
+    claimed = [_claim(db, i, now) for i in ids]
+    # The SR first: a viewer that opens the study as results arrive sees the call first.
+    return sorted((c for c in claimed if c is not None), key=lambda r: (r.kind != "sr", r.id))
+
+
+def _record_with(s: Session, settings: Settings, delivery_id: int, result: SendResult,
+                 done_at: datetime) -> DeliveryOutcome:
+    current = s.get(Delivery, delivery_id, with_for_update=True)
+    assert current is not None
+    deadline = as_utc(current.deadline_at)
+    assert deadline is not None
+    current.last_status = result.status
+    current.updated_at = done_at
+    if result.ok:
+        current.state = DeliveryState.DELIVERED
+        current.delivered_at = done_at
+        current.reason = None
+        if result.sent_uid and result.sent_uid != current.sop_instance_uid:
+            # Sent in another class the PACS accepted: the object there has its own UID.
+            current.reason = f"{SENT_AS} {result.sent_sop_class} {result.sent_uid}"
+        log.info("delivered kind=%s sop_uid=%s sent_uid=%s ts=%s destination=%s status=%s "
+                 "attempts=%s", current.kind, current.sop_instance_uid, result.sent_uid,
+                 result.transfer_syntax, current.destination, result.status,
+                 current.attempts)
+        metrics.delivery_outcome(current.kind, "delivered")
+        return DeliveryOutcome(delivery_id, "delivered")
+    current.reason = result.reason or "send failed"
+    if result.permanent or done_at >= deadline:
+        current.state = DeliveryState.FAILED
+        current.reason = (result.reason if result.permanent else
+                          f"deadline passed after {current.attempts} attempts; "
+                          f"last error: {result.reason}")
+        log.error("delivery failed sop_uid=%s destination=%s reason=%s",
+                  current.sop_instance_uid, current.destination, current.reason)
+        metrics.delivery_outcome(current.kind, "failed")
+        return DeliveryOutcome(delivery_id, "failed", reason=current.reason)
+    delay = backoff_seconds(settings, current.attempts)
+    next_at = min(done_at + timedelta(seconds=delay), deadline)
+    current.state = DeliveryState.PENDING
+    current.next_attempt_at = next_at
+    countdown = max(0.0, (next_at - done_at).total_seconds())
+    log.warning("delivery retry sop_uid=%s destination=%s attempts=%s in_s=%.1f reason=%s",
+                current.sop_instance_uid, current.destination, current.attempts,
+                countdown, result.reason)
+    metrics.delivery_outcome(current.kind, "retry")
+    return DeliveryOutcome(delivery_id, "retry", countdown=countdown, reason=result.reason)
+
+
 def deliver(db: Database, settings: Settings, delivery_id: int,
             now: datetime | None = None) -> DeliveryOutcome:
-    """Send one outbox row if it is pending and due; record what happened."""
+    """Send one outbox row if it is pending and due, together with the study's other due
+    rows for that destination over one association; record what happened to each."""
     now = now or utcnow()
     started = utcnow()
     row = _claim(db, delivery_id, now)
     if row is None:
         return DeliveryOutcome(delivery_id, "noop", reason="not pending or not yet due")
-    deadline = as_utc(row.deadline_at)
-    assert deadline is not None
+    rows = [row, *_claim_siblings(db, row, now)]
     dest = Destination.parse(row.destination)
     try:
-        result = send(Path(row.path), dest, settings.delivery_ae_title)
+        results = send_many([Path(r.path) for r in rows], dest, settings.delivery_ae_title)
     except Exception as exc:  # the sender reports outcomes; anything raised is a fault of ours
         log.exception("delivery send raised delivery_id=%s", delivery_id)
-        result = SendResult(False, None, f"internal error: {type(exc).__name__}: {exc}")
+        failed = SendResult(False, None, f"internal error: {type(exc).__name__}: {exc}")
+        results = [failed] * len(rows)
     done_at = now + (utcnow() - started)  # the caller's clock, advanced by the send
+    outcomes: dict[int, DeliveryOutcome] = {}
     with db.session() as s:
-        current = s.get(Delivery, delivery_id, with_for_update=True)
-        assert current is not None
-        current.last_status = result.status
-        current.updated_at = done_at
-        if result.ok:
-            current.state = DeliveryState.DELIVERED
-            current.delivered_at = done_at
-            current.reason = None
-            log.info("delivered kind=%s sop_uid=%s destination=%s status=%s attempts=%s",
-                     current.kind, current.sop_instance_uid, current.destination,
-                     result.status, current.attempts)
-            metrics.delivery_outcome(current.kind, "delivered")
-            return DeliveryOutcome(delivery_id, "delivered")
-        current.reason = result.reason or "send failed"
-        if result.permanent or done_at >= deadline:
-            current.state = DeliveryState.FAILED
-            current.reason = (result.reason if result.permanent else
-                              f"deadline passed after {current.attempts} attempts; "
-                              f"last error: {result.reason}")
-            log.error("delivery failed sop_uid=%s destination=%s reason=%s",
-                      current.sop_instance_uid, current.destination, current.reason)
-            metrics.delivery_outcome(current.kind, "failed")
-            return DeliveryOutcome(delivery_id, "failed", reason=current.reason)
-        delay = backoff_seconds(settings, current.attempts)
-        next_at = min(done_at + timedelta(seconds=delay), deadline)
-        current.state = DeliveryState.PENDING
-        current.next_attempt_at = next_at
-        countdown = max(0.0, (next_at - done_at).total_seconds())
-        log.warning("delivery retry sop_uid=%s destination=%s attempts=%s in_s=%.1f reason=%s",
-                    current.sop_instance_uid, current.destination, current.attempts,
-                    countdown, result.reason)
-        metrics.delivery_outcome(current.kind, "retry")
-        return DeliveryOutcome(delivery_id, "retry", countdown=countdown, reason=result.reason)
+        for r, result in zip(rows, results, strict=True):
+            outcomes[r.id] = _record_with(s, settings, r.id, result, done_at)
+    return outcomes[delivery_id]
 
 
 def publish(app: Publisher, settings: Settings, delivery_ids: Sequence[int],

@@ -52,6 +52,8 @@ class PreviousSr:
     sop_instance_uid: str
     model_version: str
     model_sha256: str
+    path: str | None = None  # the outbox file it was delivered from
+    sent_as: tuple[str, str] | None = None  # (class, UID) it was delivered as, if another
 
 
 def model_info(model: LoadedProductionModel, settings: Settings) -> ModelInfo:
@@ -74,12 +76,15 @@ def predecessor_ref(settings: Settings, study_uid: str,
     builder derived it."""
     if previous is None:
         return None
-    path = paths.under(study_outbox(settings, study_uid),
-                       f"{paths.uid_name(previous.sop_instance_uid)}.dcm")
+    outbox = study_outbox(settings, study_uid)
+    path = (paths.check_inside(settings.data_dir, Path(previous.path)) if previous.path else
+            paths.under(outbox, f"{paths.uid_name(previous.sop_instance_uid)}.dcm"))
     if path.is_file():
         ds = pydicom.dcmread(path, stop_before_pixels=True)
+        sop_class, sop_uid = previous.sent_as or (str(ds.SOPClassUID),
+                                                  str(ds.SOPInstanceUID))
         return PredecessorRef(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
-                              str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+                              sop_class, sop_uid)
     return PredecessorRef(
         study_uid,
         identity.series_uid(identity.SR, study_uid, previous.model_version,
@@ -128,6 +133,7 @@ def write_outputs(
     outputs.append(OutputFile("sr", str(sr.SOPInstanceUID), write_dataset(sr, folder)))
     for sc in build_scs(analysis, settings):
         outputs.append(OutputFile("sc", str(sc.SOPInstanceUID), write_dataset(sc, folder)))
+    outputs.extend(_viewer_objects(analysis, settings, folder))
     log.info("outputs written study_uid=%s sr_uid=%s objects=%s", claim.study_uid,
              sr.SOPInstanceUID, len(outputs))
     return outputs, str(sr.SOPInstanceUID)
@@ -144,4 +150,24 @@ def build_scs(analysis: AnalysisResult, settings: Settings) -> list[Dataset]:
         sc: Any = build_heatmap_sc(image, analysis.model,
                                    institution_name=settings.institution_name or None)
         out.append(sc)
+    return out
+
+
+def _viewer_objects(analysis: AnalysisResult, settings: Settings,
+                    folder: Path) -> list[OutputFile]:
+    """The optional GSPS per scored image and KOS for a positive study (default off)."""
+    from dicom_node.presentation import build_hotspot_gsps, build_positive_kos
+
+    out: list[OutputFile] = []
+    institution = settings.institution_name or None
+    if settings.hotspot_presentation_state:
+        for image in analysis.scored:
+            gsps = build_hotspot_gsps(image, analysis.model, institution)
+            if gsps is not None:
+                out.append(OutputFile("gsps", str(gsps.SOPInstanceUID),
+                                      write_dataset(gsps, folder)))
+    if settings.key_object_for_positive and analysis.positive:
+        kos = build_positive_kos([i.source for i in analysis.scored], analysis.model,
+                                 institution)
+        out.append(OutputFile("kos", str(kos.SOPInstanceUID), write_dataset(kos, folder)))
     return out

@@ -1,11 +1,15 @@
 -- Orthanc auto-routing of chest radiographs to cxr-triage.
 --
--- When a study has been quiet for "StableAge" seconds, every series whose Modality is CR
--- or DX and whose BodyPartExamined is CHEST (or THORAX) is sent to the modality named
--- CXR_TRIAGE in "DicomModalities".  cxr-triage's results come back to this Orthanc as a
--- Structured Report (Modality SR) and a Secondary Capture heatmap (Modality OT); they are
--- never routed again, so there is no loop.  The same rule can live in a commercial PACS as
--- an auto-routing rule (see deploy/PACS.md).
+-- When a study has been quiet for "StableAge" seconds, every instance of a series whose
+-- Modality is CR or DX and whose BodyPartExamined is CHEST (or THORAX) that has not been
+-- sent yet is sent to the modality named CXR_TRIAGE in "DicomModalities", and marked
+-- with the user metadata "CxrTriageRouted" (declared in orthanc.json's "UserMetadata").
+--
+-- cxr-triage's results (an SR and an SC heatmap) make the study unstable, then stable
+-- again: the mark keeps the originals from being sent a second time, and the results
+-- themselves are never routed (neither CR nor DX).  A late image of the same study is
+-- the only thing sent then.  The same rule can live in a commercial PACS as an
+-- auto-routing rule (see deploy/PACS.md).
 
 local TARGET = "CXR_TRIAGE"
 local MODALITIES = { CR = true, DX = true }
@@ -33,18 +37,33 @@ function IsChestRadiograph(series)
   return BODY_PARTS[part] == true
 end
 
+local ROUTED = "CxrTriageRouted"
+
+local function AlreadyRouted(instanceId)
+  local ok, value = pcall(RestApiGet, "/instances/" .. instanceId .. "/metadata/" .. ROUTED)
+  return ok and value ~= nil and value ~= ""
+end
+
 function OnStableStudy(studyId, tags, metadata)
   local series = ParseJson(RestApiGet("/studies/" .. studyId .. "/series"))
   local selected = {}
   for _, s in ipairs(series) do
     if IsChestRadiograph(s) then
-      table.insert(selected, s["ID"])
+      for _, instanceId in ipairs(s["Instances"]) do
+        if not AlreadyRouted(instanceId) then
+          table.insert(selected, instanceId)
+        end
+      end
     end
   end
   if #selected == 0 then
     return
   end
-  PrintRecursive("cxr-triage: routing " .. #selected .. " chest series of study " .. studyId)
-  local job = { Resources = selected, Synchronous = false, Priority = 0 }
+  PrintRecursive("cxr-triage: routing " .. #selected .. " new chest instance(s) of study " .. studyId)
+  local job = { Resources = selected, Synchronous = true }
   RestApiPost("/modalities/" .. TARGET .. "/store", DumpJson(job, true))
+  -- Marked once sent (a failed send raises and leaves them unmarked for the next time).
+  for _, instanceId in ipairs(selected) do
+    RestApiPut("/instances/" .. instanceId .. "/metadata/" .. ROUTED, "1")
+  end
 end
