@@ -319,6 +319,7 @@ def _train_and_decide(db: Database, settings: Settings, datasets: list[Path], dr
                "test patients": len({r.patient_key for r in test}),
                "new labels since last run": len(new_ids),
                "images left out as unreadable": len(unreadable),
+               "challenger on test (95% intervals)": outcome.test_summary,
                "validation AUC": result.val_metrics.get("auc"),
                "threshold (validation, target sensitivity "
                f"{settings.target_sensitivity})": meta.threshold,
