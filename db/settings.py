@@ -214,6 +214,11 @@ class Settings:
     promotion_auc_margin: float = 0.01
     promotion_specificity_margin: float = 0.02
     min_new_labels: int = 20
+    # Promotion floor (every model, the first included; see trainer.promotion)
+    promotion_min_test_per_class: int = 20
+    promotion_min_auc_lower: float = 0.75
+    promotion_min_specificity: float = 0.25
+    promotion_requires_approval: bool = False
     split_key: str = "cxr-triage-split-v1"
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     backbone: str = "efficientnet_lite0"
@@ -467,6 +472,11 @@ def _validate(s: Settings) -> None:
         raise SettingsError(f"train_contrast {s.train_contrast!r} must be none, clahe or equalize")
     if s.train_balance not in ("class", "source_class"):
         raise SettingsError(f"train_balance {s.train_balance!r} must be class or source_class")
+    if s.promotion_min_test_per_class < 0:
+        raise SettingsError("promotion_min_test_per_class must be at least 0")
+    for name in ("promotion_min_auc_lower", "promotion_min_specificity"):
+        if not 0.0 <= getattr(s, name) <= 1.0:
+            raise SettingsError(f"{name} must lie between 0 and 1")
     if s.train_views < 1:
         raise SettingsError("train_views must be at least 1")
     if bool(s.tls_cert) != bool(s.tls_key):

@@ -45,12 +45,19 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'test.db'}"
 
 
+# Tests of other things train on a few dozen images, far below any real floor.
+NO_PROMOTION_FLOOR = {"promotion_min_test_per_class": 0, "promotion_min_auc_lower": 0.0,
+                      "promotion_min_specificity": 0.0}
+
+
 @pytest.fixture
 def make_settings(tmp_path: Path):  # type: ignore[no-untyped-def]
     """Build settings on a temporary data dir, with overrides (Flask's test_config idea)."""
 
     def build(**overrides: object) -> Settings:
         overrides.setdefault("data_dir", tmp_path / "data")
+        for name, value in NO_PROMOTION_FLOOR.items():  # tiny synthetic sets; see
+            overrides.setdefault(name, value)  # tests/test_promotion_floor.py for the floor
         s = load_settings(env={}, overrides=overrides)
         s.ensure_dirs()
         return s

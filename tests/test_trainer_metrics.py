@@ -76,3 +76,28 @@ def test_operating_point_and_groups() -> None:
     assert len(ev["threshold_table"]) == 9
     assert sum(b["n"] for b in reliability_curve(y, p)) == 8
     assert not math.isnan(ev["auc"])
+
+
+def test_curves_and_average_precision_match_sklearn() -> None:
+    """The numpy ROC / PR curves and average precision equal scikit-learn's, ties included."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve
+
+    from trainer.metrics import pr_auc, pr_points, roc_points
+
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        n = int(rng.integers(3, 300))
+        y = rng.integers(0, 2, n)
+        y[:2] = (0, 1)
+        p = np.round(rng.normal(y * 1.0, 1.0), int(rng.integers(0, 3)))
+        fpr, tpr, _ = roc_curve(y, p)
+        ours_fpr, ours_tpr = roc_points(y, p)
+        np.testing.assert_allclose(ours_fpr, fpr)
+        np.testing.assert_allclose(ours_tpr, tpr)
+        precision, recall, _ = precision_recall_curve(y, p)
+        ours_precision, ours_recall = pr_points(y, p)
+        np.testing.assert_allclose(ours_precision, precision)
+        np.testing.assert_allclose(ours_recall, recall)
+        assert pr_auc(y, p) == pytest.approx(average_precision_score(y, p), abs=1e-12)
+    with pytest.raises(ValueError):
+        roc_points([1, 1], [0.1, 0.2])

@@ -181,3 +181,16 @@ def drop_unreadable(records: Sequence[ImageRecord]) -> tuple[list[ImageRecord], 
             continue
         usable.append(record)
     return usable, skipped
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m trainer.datasets build ...``: see :mod:`trainer.dataset_build`."""
+    from trainer.dataset_build import main as build_main
+
+    return build_main(argv)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy.stats import norm
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve
 
 Z95 = 1.959963984540054
 DEFAULT_TABLE_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -129,12 +128,49 @@ def delong_paired(y: ArrayLike, p1: ArrayLike, p2: ArrayLike) -> dict[str, float
             "ci_low": diff - Z95 * sd, "ci_high": diff + Z95 * sd, "p_value": pval}
 
 
+def _binary_counts(
+    ya: NDArray[np.int64], pa: NDArray[np.float64]
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+    """True and false positives at each distinct score, highest first (``p >= t``)."""
+    order = np.argsort(-pa, kind="mergesort")
+    ys, ps = ya[order], pa[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(ps)), ys.size - 1]
+    tps = np.cumsum(ys, dtype=np.float64)[last_of_tie]
+    fps = (last_of_tie + 1).astype(np.float64) - tps
+    return fps, tps, ps[last_of_tie]
+
+
+def roc_points(y: ArrayLike, p: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """False and true positive rates from (0, 0) to (1, 1), collinear points dropped."""
+    ya, pa = _arrays(y, p)
+    if not both_classes(ya):
+        raise ValueError("an ROC curve needs both classes")
+    fps, tps, _ = _binary_counts(ya, pa)
+    if fps.size > 2:  # keep only the corners of the staircase
+        keep = np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True]
+        fps, tps = fps[keep], tps[keep]
+    fps, tps = np.r_[0.0, fps], np.r_[0.0, tps]
+    return fps / fps[-1], tps / tps[-1]
+
+
+def pr_points(y: ArrayLike, p: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Precision and recall from the lowest threshold up, ending at (1, 0)."""
+    ya, pa = _arrays(y, p)
+    if not (ya == 1).any():
+        raise ValueError("a precision-recall curve needs positives")
+    fps, tps, _ = _binary_counts(ya, pa)
+    precision = tps / (tps + fps)
+    recall = tps / tps[-1]
+    return np.r_[precision[::-1], 1.0], np.r_[recall[::-1], 0.0]
+
+
 def pr_auc(y: ArrayLike, p: ArrayLike) -> float | None:
-    """Area under the precision-recall curve (average precision)."""
+    """Area under the precision-recall curve (average precision, step-wise, no interpolation)."""
     ya, pa = _arrays(y, p)
     if not both_classes(ya):
         return None
-    return float(average_precision_score(ya, pa))
+    precision, recall = pr_points(ya, pa)
+    return float(-np.sum(np.diff(recall) * precision[:-1]))
 
 
 def threshold_for_sensitivity(y: ArrayLike, p: ArrayLike, target: float) -> float:
@@ -260,8 +296,8 @@ def curves(y: ArrayLike, p: ArrayLike) -> dict[str, list[float]] | None:
     ya, pa = _arrays(y, p)
     if not both_classes(ya):
         return None
-    fpr, tpr, _ = roc_curve(ya, pa)
-    prec, rec, _ = precision_recall_curve(ya, pa)
+    fpr, tpr = roc_points(ya, pa)
+    prec, rec = pr_points(ya, pa)
     return {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "precision": prec.tolist(),
             "recall": rec.tolist()}
 

@@ -57,6 +57,7 @@ from trainer.drift import (
 )
 from trainer.evaluate import evaluate_records
 from trainer.metrics import delong_paired
+from trainer.promotion import AWAITING_APPROVAL, floor_reasons, floor_summary, hold, metrics_line
 from trainer.registry import (
     ModelInfo,
     model_id,
@@ -105,6 +106,7 @@ class RunOutcome:
     champion: str | None = None
     challenger: str | None = None
     report: Path | None = None
+    test_summary: str | None = None  # the challenger's AUC, sensitivity, specificity + CIs
     splits: dict[str, list[ImageRecord]] = field(default_factory=dict)
 
 
@@ -112,7 +114,8 @@ def compare(champion: Mapping[str, Any] | None, challenger: Mapping[str, Any],
             settings: Settings) -> tuple[bool, list[str]]:
     """Whether the challenger may replace the champion, and why (numbers in each reason)."""
     if champion is None:
-        return True, ["no production model: the first model trained is promoted (bootstrap)"]
+        return True, ["no production model: the first model needs only to clear the "
+                      "promotion floor (bootstrap)"]
     reasons = []
     ok = True
     a_ch, a_c = challenger.get("auc"), champion.get("auc")
@@ -260,6 +263,14 @@ def _train_and_decide(db: Database, settings: Settings, datasets: list[Path], dr
                                                target_sensitivity=settings.target_sensitivity)
     y = np.array([r.label for r in test])
     promote_ok, reasons = compare(champ_eval, chal_eval, settings)
+    below_floor = floor_reasons(chal_eval, settings)
+    if below_floor:
+        promote_ok = False
+        reasons = [f"below the promotion floor: {r}" for r in below_floor] + reasons
+    else:
+        reasons.append(f"promotion floor met ({floor_summary(settings)})")
+    needs_approval = promote_ok and settings.promotion_requires_approval
+    outcome.test_summary = metrics_line(chal_eval)
     if unreadable:
         shown = "; ".join(unreadable[:20]) + (" …" if len(unreadable) > 20 else "")
         reasons.append(f"{len(unreadable)} image(s) left out as unreadable: {shown}")
@@ -299,7 +310,8 @@ def _train_and_decide(db: Database, settings: Settings, datasets: list[Path], dr
                                   champ_eval))
     models.append(ModelScores(f"challenger {version}", y, chal_p, [r.source for r in test],
                               meta.threshold, chal_eval))
-    decision = "promoted" if promote_ok else "kept"
+    decision = ("needs approval" if needs_approval else "promoted" if promote_ok
+                else "held" if below_floor else "kept")
     if dry_run:
         decision = f"dry-run (would be {decision})"
     summary = {"run": run_id, "decision": decision, "champion": champion.version if champion
@@ -308,6 +320,7 @@ def _train_and_decide(db: Database, settings: Settings, datasets: list[Path], dr
                "test patients": len({r.patient_key for r in test}),
                "new labels since last run": len(new_ids),
                "images left out as unreadable": len(unreadable),
+               "challenger on test (95% intervals)": outcome.test_summary,
                "validation AUC": result.val_metrics.get("auc"),
                "threshold (validation, target sensitivity "
                f"{settings.target_sensitivity})": meta.threshold,
@@ -335,8 +348,12 @@ def _train_and_decide(db: Database, settings: Settings, datasets: list[Path], dr
     if champion is not None and champ_eval is not None:
         _record_evaluation(db, champion.version, run_id, "test", _dataset_name(datasets),
                            champ_eval, str(index), {"test_study_uids": test_studies})
-    if promote_ok:
+    if needs_approval:
+        hold(db, version, AWAITING_APPROVAL)
+    elif promote_ok:
         promote(db, version)
+    elif below_floor:  # stays a candidate, with the reason on the row
+        hold(db, version, "; ".join(f"below the promotion floor: {r}" for r in below_floor))
     else:
         reject(db, version, "; ".join(reasons))
     _finish(db, run_id, status="done", decision=decision, reasons=reasons,
@@ -384,9 +401,18 @@ def main(argv: list[str] | None = None) -> int:
     outcome = run_nightly(settings, args.dataset, dry_run=args.dry_run, force=args.force)
     text = {"status": outcome.status, "run": outcome.run_id, "decision": outcome.decision,
             "champion": outcome.champion, "challenger": outcome.challenger,
-            "reasons": outcome.reasons, "report": str(outcome.report) if outcome.report else None}
-    print(json.dumps(text) if args.json else "\n".join(
-        f"{k}: {v}" for k, v in text.items() if v not in (None, [])))
+            "test": outcome.test_summary, "reasons": outcome.reasons,
+            "report": str(outcome.report) if outcome.report else None}
+    if args.json:
+        print(json.dumps(text))
+    else:
+        for key, value in text.items():
+            if value in (None, []):
+                continue
+            if isinstance(value, list):
+                print(f"{key}:" + "".join(f"\n  - {item}" for item in value))
+            else:
+                print(f"{key}: {value}")
     return outcome.exit_code
 
 

@@ -108,8 +108,11 @@ def render_status_table(data: dict[str, Any], out: TextIO) -> None:
         out.write(f"failed delivery: {d['study_uid']} {d['kind']} -> {d['destination']} "
                   f"after {d['attempts']} attempts: {d['reason']}\n")
     prod = summ["production_model"]
-    if prod is None:
+    held = summ.get("newest_model_not_promoted")
+    if prod is None and held is None:
         out.write("production model: none registered (see `cxr-triage up --help`)\n")
+    elif prod is None:
+        out.write("production model: none\n")
     else:
         ev = prod["last_evaluation"]
         ev_text = "no evaluation" if ev is None else (
@@ -117,6 +120,9 @@ def render_status_table(data: dict[str, Any], out: TextIO) -> None:
             f"sens={_fmt_prob(ev['sensitivity'])} spec={_fmt_prob(ev['specificity'])}")
         out.write(f"production model: {prod['version']} ({prod['architecture']}, "
                   f"threshold {prod['threshold']:.3f}); last evaluation: {ev_text}\n")
+    if held is not None:
+        out.write(f"newest model {held['version']} is {held['stage']}, not promoted: "
+                  f"{held['not_promoted_reason'] or 'no reason recorded'}\n")
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -174,6 +180,10 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
             f"spec={_fmt_prob(ev['specificity'])} n={ev['n_images']} ({ev['kind']})")
         print(f"{mark} {m['version']:<28} {m['stage']:<10} {m['architecture']:<20} "
               f"thr={m['threshold']:.3f} {ev_text}")
+        if m["not_promoted_reason"]:
+            print(f"    not promoted: {m['not_promoted_reason']}")
+        if m["approved_by"]:
+            print(f"    approved by {m['approved_by']} at {m['approved_at']}")
     return EXIT_OK
 
 
@@ -198,6 +208,23 @@ def cmd_model_register(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_FAILED
     finally:
         db.dispose()
+    return EXIT_OK
+
+
+def cmd_model_approve(args: argparse.Namespace, settings: Settings) -> int:
+    approve = _require("trainer.promotion", "approve")
+    approver = _require("trainer.promotion", "approver")
+    registry_error = _require("trainer.registry", "RegistryError")
+    by = args.by or approver()
+    db = _database(settings)
+    try:
+        info = approve(db, args.version, by)
+    except registry_error as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        db.dispose()
+    print(f"model {info.version} approved by {by} and promoted to production")
     return EXIT_OK
 
 
@@ -338,6 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("path", metavar="PATH")
     reg.add_argument("--promote", action="store_true", help="make it the production model")
     reg.set_defaults(handler=cmd_model_register)
+    apr = msub.add_parser("approve", help="approve a candidate awaiting approval and promote it "
+                          "(CXR_PROMOTION_REQUIRES_APPROVAL=true); records who and when")
+    apr.add_argument("version", metavar="VERSION")
+    apr.add_argument("--by", help="approver's name (default: the login name)")
+    apr.set_defaults(handler=cmd_model_approve)
 
     sp = add("models", cmd_models, "list model versions, metrics and the production model")
     sp.add_argument("--json", action="store_true")

@@ -178,7 +178,15 @@ def latest_evaluation(s: Session, model_version_id: int) -> Evaluation | None:
 
 
 def model_dict(s: Session, m: ModelVersion) -> dict[str, Any]:
+    meta = m.metadata_json or {}
+    reason = meta.get("hold_reason") or meta.get("rejected_reason")
     return {
+        # why it is not in production (below the promotion floor, awaiting approval, or
+        # worse than the champion); None for the production model and older ones
+        "not_promoted_reason": None if m.stage == ModelStage.PRODUCTION or reason is None
+        else str(reason),
+        "approved_by": meta.get("approved_by"),
+        "approved_at": meta.get("approved_at"),
         "version": m.version,
         "architecture": m.architecture,
         "stage": m.stage,
@@ -236,7 +244,11 @@ def summary(s: Session) -> dict[str, Any]:
         item["study_uid"] = d.study.study_uid
         failed_list.append(item)
     prod = production_model(s)
+    newest = s.scalars(select(ModelVersion).order_by(ModelVersion.created_at.desc(),
+                                                     ModelVersion.id.desc()).limit(1)).first()
     return {
+        "newest_model_not_promoted": (model_dict(s, newest) if newest is not None
+                                      and newest.stage != ModelStage.PRODUCTION else None),
         "studies_by_state": by_state,
         "total_studies": sum(by_state.values()),
         "oldest_waiting": oldest_dict,

@@ -223,7 +223,9 @@ def run_up(settings: Settings, options: UpOptions) -> int:
             if rc != 0:
                 return rc
             if not has_production_model(settings):
-                print("error: training finished but promoted no model; see the report under "
+                print("error: training finished but promoted no model (below the promotion "
+                      "floor, or awaiting `cxr-triage model approve VERSION`); "
+                      "`cxr-triage models` says why, the report is under "
                       f"{settings.reports_dir}", file=sys.stderr)
                 return 1
         else:

@@ -143,6 +143,11 @@ def render_page(data: PageData) -> str:
     prod_text = ("<b>no production model</b> — register one with "
                  "<code>cxr-triage model register PATH --promote</code>"
                  if prod is None else f"production model <b>{_e(prod['version'])}</b>")
+    held = summ.get("newest_model_not_promoted")
+    if held is not None:
+        prod_text += (f'</span><span class="not-promoted">newest model '
+                      f"<b>{_e(held['version'])}</b> not promoted: "
+                      f"{_e(held['not_promoted_reason'] or 'no reason recorded')}")
     rows = []
     for st in data.status["studies"]:
         pred = st["prediction"] or {}
@@ -179,9 +184,12 @@ def render_page(data: PageData) -> str:
             f"<td>{_e(m['architecture'])}</td><td>{m['threshold']:.3f}</td>"
             f"<td>{_prob(ev.get('auc'))}</td><td>{_prob(ev.get('sensitivity'))}</td>"
             f"<td>{_prob(ev.get('specificity'))}</td><td>{_e(ev.get('n_images', '–'))}</td>"
-            f"<td>{plots or '<span class=muted>–</span>'}</td></tr>"
+            f"<td>{plots or '<span class=muted>–</span>'}</td>"
+            f"<td class=\"why\">{_e(m['not_promoted_reason'] or '')}"
+            + (f"approved by {_e(m['approved_by'])} at {_e(m['approved_at'])}"
+               if m["approved_by"] else "") + "</td></tr>"
         )
-    models_html = "\n".join(model_rows) or '<tr><td colspan="9">No models registered.</td></tr>'
+    models_html = "\n".join(model_rows) or '<tr><td colspan="10">No models registered.</td></tr>'
     failed = "".join(
         f"<li>{_e(d['study_uid'])} {_e(d['kind'])} → {_e(d['destination'])}: "
         f"{_e(d['reason'])}</li>" for d in summ["failed_deliveries"])
@@ -204,7 +212,7 @@ def render_page(data: PageData) -> str:
 <h2>Models</h2>
 <table id="models"><thead><tr><th>Version</th><th>Stage</th><th>Architecture</th>
 <th>Threshold</th><th>AUC</th><th>Sensitivity</th><th>Specificity</th><th>n</th>
-<th>Evaluation plots</th></tr></thead>
+<th>Evaluation plots</th><th>Why not in production</th></tr></thead>
 <tbody>
 {models_html}
 </tbody></table>
