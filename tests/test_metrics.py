@@ -99,7 +99,7 @@ def test_health_checks_a_real_redis_broker(make_settings) -> None:  # type: igno
         pytest.skip("Redis is not reachable at 127.0.0.1:6379")
     s = make_settings(broker_url="redis://127.0.0.1:6379/0")
     Database(s).dispose()  # schema at head
-    report = check_health(s)
-    assert report.ok, report.as_dict()
+    report = check_health(s).as_dict()
+    assert report["checks"]["broker"]["ok"] and report["checks"]["database"]["ok"], report
     bad = check_health(make_settings(broker_url="redis://127.0.0.1:1/0"))
     assert not bad.ok and not bad.as_dict()["checks"]["broker"]["ok"]

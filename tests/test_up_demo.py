@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -90,19 +92,26 @@ def test_up_starts_every_process_answers_echo_and_stops_on_sigint(tmp_path: Path
 
         wait_until(echo_ok, timeout=90, interval=0.5, what="C-ECHO to the listener under up")
 
-        def web_ok() -> bool:
+        def health() -> dict[str, Any] | None:
+            import urllib.error
             import urllib.request
 
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/healthz",
-                                            timeout=5) as r:
-                    return r.status == 200
+                                            timeout=30) as r:
+                    return json.loads(r.read())  # type: ignore[no-any-return]
+            except urllib.error.HTTPError as exc:  # 503: unhealthy, still an answer
+                return json.loads(exc.read())  # type: ignore[no-any-return]
             except OSError:
-                return False
+                return None
 
-        wait_until(web_ok, timeout=60, interval=0.5, what="the web page under up")
+        wait_until(health, timeout=60, interval=0.5, what="the web page under up")
         wait_until(lambda: " ready." in log_path.read_text(), timeout=90, interval=0.5,
                    what="the Celery worker to report ready")
+        # The embedded worker answers pings for both queues; only the model is missing.
+        report = wait_until(lambda: (h := health()) and h["checks"]["inference_worker"]["ok"]
+                            and h, timeout=60, interval=1, what="workers answering under up")
+        assert {n for n, c in report["checks"].items() if not c["ok"]} == {"production_model"}
         text = log_path.read_text()
         pids = {line.split()[1]: int(line.split("pid=")[1])
                 for line in text.splitlines() if line.startswith("CHILD ")}

@@ -75,8 +75,16 @@ def test_api_health_and_refusals(served) -> None:  # type: ignore[no-untyped-def
     assert f'cxr_production_model_info{{version="{pop.model_version}"}} 1.0' in body.decode()
     status, _, body = _get(server, "/healthz")
     report = json.loads(body)
-    assert status == 200 and report["status"] == "ok"
-    assert set(report["checks"]) == {"database", "broker", "disk"}
+    # No worker runs in this test: health names both; the populated queued study is old.
+    assert status == 503 and report["status"] == "unhealthy"
+    assert set(report["checks"]) == {"database", "broker", "disk", "inference_worker",
+                                     "delivery_worker", "queue_age", "production_model",
+                                     "nightly"}
+    assert {n for n, c in report["checks"].items() if not c["ok"]} == {
+        "inference_worker", "delivery_worker", "queue_age"}
+    status, _, body = _get(server, "/healthz?check=database,broker,disk")
+    assert status == 200 and set(json.loads(body)["checks"]) == {"database", "broker", "disk"}
+    assert _get(server, "/healthz?check=nope")[0] == 400
     assert _get(server, "/reports/../cxr-triage.db")[0] == 404
     assert _get(server, "/static/../web.py")[0] == 404
     assert _get(server, "/heatmap/999999.png")[0] == 404

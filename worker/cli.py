@@ -267,7 +267,12 @@ def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
     from worker.health import check_health
 
-    report = check_health(settings)
+    only = [c for arg in args.check or [] for c in arg.split(",") if c]
+    try:
+        report = check_health(settings, only=only or None)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     print(json.dumps(report.as_dict(), indent=2, sort_keys=True))
     return EXIT_OK if report.ok else EXIT_FAILED
 
@@ -370,7 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("settings", cmd_settings, "print effective settings (secrets masked)")
     sp.add_argument("--json", action="store_true")
 
-    add("health", cmd_health, "check database, broker and disk; exit 1 when unhealthy")
+    hp = add("health", cmd_health, "check database, broker, disk, workers, queue age, "
+             "production model and the last nightly run; exit 1 when unhealthy")
+    hp.add_argument("--check", action="append", metavar="NAME[,NAME]",
+                    help="only these checks (e.g. database,broker,disk for a container's "
+                         "liveness)")
     return p
 
 

@@ -19,7 +19,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from db.session import Database
 from db.settings import Settings
@@ -254,7 +254,13 @@ class _Handler(BaseHTTPRequestHandler):
             elif path == "/healthz":
                 from worker.health import check_health
 
-                report = check_health(app.settings, app.db)
+                query = parse_qs(urlsplit(self.path).query)
+                only = [c for v in query.get("check", []) for c in v.split(",") if c]
+                try:
+                    report = check_health(app.settings, app.db, only=only or None)
+                except ValueError as exc:
+                    return self._send(HTTPStatus.BAD_REQUEST, f"{exc}\n".encode(),
+                                      "text/plain")
                 status = HTTPStatus.OK if report.ok else HTTPStatus.SERVICE_UNAVAILABLE
                 self._send(status, json.dumps(report.as_dict()).encode(), "application/json")
             elif path.startswith("/heatmap/") and path.endswith(".png"):
