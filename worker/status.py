@@ -21,6 +21,7 @@ from db.models import (
     ModelStage,
     ModelVersion,
     Prediction,
+    RetrainRun,
     Study,
     StudyState,
     as_utc,
@@ -259,6 +260,9 @@ class Gauges:
     oldest_waiting_seconds: float
     production_version: str | None
     calls_by_version: dict[str, tuple[int, int]]  # version -> (scored, positive)
+    oldest_queued_seconds: float = 0.0
+    # (finished at, as a Unix time; seconds it took) of the last nightly run that trained
+    last_retrain: tuple[float, float] | None = None
 
 
 def read_gauges(db: Any) -> Gauges:
@@ -288,5 +292,19 @@ def read_gauges(db: Any) -> Gauges:
         for version, positive, n in rows:
             total, pos = calls.get(version, (0, 0))
             calls[version] = (total + int(n), pos + (int(n) if positive else 0))
+        queued = as_utc(s.scalar(select(func.min(func.coalesce(Study.queued_at,
+                                                               Study.received_at)))
+                                 .where(Study.state == StudyState.QUEUED)))
+        queued_wait = (utcnow() - queued).total_seconds() if queued else 0.0
+        run = s.scalars(select(RetrainRun)
+                        .where(RetrainRun.status == "done", RetrainRun.dry_run.is_(False),
+                               RetrainRun.finished_at.is_not(None))
+                        .order_by(RetrainRun.finished_at.desc()).limit(1)).first()
+        last_retrain = None
+        if run is not None:
+            finished, started = as_utc(run.finished_at), as_utc(run.started_at)
+            assert finished is not None and started is not None
+            last_retrain = (finished.timestamp(), (finished - started).total_seconds())
         return Gauges(by_state, deliveries, max(0.0, wait),
-                      prod.version if prod is not None else None, calls)
+                      prod.version if prod is not None else None, calls,
+                      max(0.0, queued_wait), last_retrain)

@@ -314,13 +314,14 @@ class WebServer(ThreadingHTTPServer):
     def __init__(self, settings: Settings, host: str, port: int) -> None:
         from prometheus_client import CollectorRegistry
 
-        from worker.metrics import DatabaseCollector
+        from worker.metrics import BrokerCollector, DatabaseCollector
 
         self.settings = settings
         self.db = Database(settings)
         # The database gauges, scraped here once per installation (README, "Monitoring").
         self.registry = CollectorRegistry()
         self.registry.register(DatabaseCollector(self.db))
+        self.registry.register(BrokerCollector(settings))
         super().__init__((host, port), _Handler)
 
     @property
