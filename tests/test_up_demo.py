@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -134,8 +135,12 @@ def test_up_starts_every_process_answers_echo_and_stops_on_sigint(tmp_path: Path
     assert "restarting in" not in text, text[-3000:]
 
 
-def _run_demo(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _run_demo(tmp_path: Path, *args: str,
+              extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
+    # Where the operator's installation would be: an empty data dir unless a test sets one.
+    env["CXR_DATA_DIR"] = str(tmp_path / "installation")
+    env.update(extra_env or {})
     return subprocess.run([sys.executable, "-m", "worker.cli", "demo", "--workdir",
                            str(tmp_path / "demo"), "--timeout", "150", *args],
                           cwd=Path(__file__).resolve().parents[1], env=env,
@@ -151,6 +156,8 @@ def test_demo_with_phantoms_delivers_sr_and_heatmap_to_a_folder_pacs(tmp_path: P
     r = _run_demo(tmp_path, "--data", str(empty), "--no-orthanc", "--studies", "2")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "SYNTHETIC PHANTOMS" in r.stdout and "UNTRAINED" in r.stdout
+    # Waiting for its own listener is silent: no ERROR line anywhere.
+    assert "ERROR" not in r.stdout + r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
     received = [pydicom.dcmread(p) for p in (tmp_path / "demo" / "pacs").glob("*.dcm")]
     modalities = sorted(ds.Modality for ds in received)
     assert modalities.count("SR") == 2 and len(received) == 4, modalities
@@ -205,3 +212,42 @@ def test_demo_stopped_by_sigterm_leaves_no_process_behind(tmp_path: Path) -> Non
             if line.startswith("CHILD ")]
     assert pids and proc.returncode == 128 + signal.SIGTERM
     wait_until(lambda: all(_gone(pid) for pid in pids), 30, what=f"children gone: {pids}")
+
+
+@pytest.mark.slow
+def test_demo_uses_the_installation_production_model_and_stops_its_orthanc(
+        tmp_path: Path, make_settings) -> None:  # type: ignore[no-untyped-def]
+    """With a production model in the operator's installation the demo scores with it and
+    says so; the Orthanc it starts is gone afterwards unless --keep-pacs asks."""
+    if shutil.which("Orthanc") is None:
+        pytest.skip("Orthanc is not installed (apt install orthanc)")
+    from db.session import Database
+    from tests.support.services import port_open
+    from tests.support.worker_data import register_and_promote
+
+    installation = make_settings(data_dir=tmp_path / "installation")
+    db = Database(installation)
+    register_and_promote(db, installation, "m-site-2026")
+    db.dispose()
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    r = _run_demo(tmp_path, "--data", str(empty), "--studies", "1")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "model in production: m-site-2026 (the installation's production model)" in out
+    assert "UNTRAINED" not in out and "ERROR" not in out, out[-3000:]
+    http_port = int(re.search(r"Orthanc http://127.0.0.1:(\d+)/", out).group(1))  # type: ignore[union-attr]
+    assert not port_open("127.0.0.1", http_port), "the demo's Orthanc is still running"
+
+    r = _run_demo(tmp_path / "kept", "--data", str(empty), "--studies", "1", "--keep-pacs",
+                  extra_env={"CXR_DATA_DIR": str(tmp_path / "installation")})
+    out = r.stdout + r.stderr
+    pid = int(re.search(r"left running \(--keep-pacs\): .*, pid (\d+);", out).group(1))  # type: ignore[union-attr]
+    try:
+        assert r.returncode == 0, out[-3000:]
+        http_port = int(re.search(r"Orthanc http://127.0.0.1:(\d+)/", out).group(1))  # type: ignore[union-attr]
+        assert port_open("127.0.0.1", http_port)
+        assert not _gone(pid)
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: _gone(pid), 30, what="the kept Orthanc to stop")

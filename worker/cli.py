@@ -298,6 +298,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         timeout=args.timeout,
         studies=args.studies,
         model=Path(args.model) if args.model else None,
+        keep_pacs=args.keep_pacs,
     ), base=settings)
 
 
@@ -364,8 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-orthanc", action="store_true",
                     help="use the built-in storage SCP even where Orthanc is installed")
     sp.add_argument("--studies", type=int, default=3, help="how many studies to send")
-    sp.add_argument("--model", metavar="PATH", help="checkpoint to score with (default: an "
-                    "untrained network whose scores are meaningless)")
+    sp.add_argument("--model", metavar="PATH", help="checkpoint to score with (default: the "
+                    "installation's production model, else an untrained network whose "
+                    "scores are meaningless)")
+    sp.add_argument("--keep-pacs", action="store_true",
+                    help="leave the Orthanc it starts running afterwards, to browse results")
     sp.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for results")
 
     sp = add("web", cmd_web, "serve the read-only operator web page")
