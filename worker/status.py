@@ -43,6 +43,7 @@ class StatusQuery:
 
     limit: int = 200
     state: str | None = None
+    offset: int = 0  # skip this many of the newest (paging)
 
 
 def _latest_analyses(s: Session, study_ids: list[int]) -> dict[int, Analysis]:
@@ -105,7 +106,8 @@ def prediction_dict(a: Analysis | None) -> dict[str, Any] | None:
 
 def list_studies(s: Session, query: StatusQuery = StatusQuery()) -> list[dict[str, Any]]:
     """The newest studies with their latest prediction and their deliveries."""
-    stmt = select(Study).order_by(Study.received_at.desc(), Study.id.desc()).limit(query.limit)
+    stmt = (select(Study).order_by(Study.received_at.desc(), Study.id.desc())
+            .offset(query.offset).limit(query.limit))
     if query.state:
         stmt = stmt.where(Study.state == query.state)
     studies = list(s.scalars(stmt).all())
