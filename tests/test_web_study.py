@@ -182,13 +182,16 @@ def test_study_and_models_pages_in_headless_chromium(site: Site, tmp_path: Path)
     from PIL import Image
 
     base = f"http://127.0.0.1:{site.server.port}"
-    study_shot, overlay_shot, models_shot = (tmp_path / n for n in
-                                             ("study.png", "overlay.png", "models.png"))
+    study_shot, overlay_shot, models_shot, list_shot, thumb_shot = (
+        tmp_path / n for n in ("study.png", "overlay.png", "models.png", "list.png",
+                               "thumb.png"))
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             page.goto(f"{base}/", wait_until="load")
+            page.locator("img.heatmap").first.screenshot(path=str(thumb_shot))
+            page.screenshot(path=str(list_shot), full_page=True)
             page.locator(f'a[href="/study/{site.pop.done_uid}"]').click()
             page.wait_for_load_state("load")
             assert page.url == f"{base}/study/{site.pop.done_uid}"
@@ -206,7 +209,7 @@ def test_study_and_models_pages_in_headless_chromium(site: Site, tmp_path: Path)
         finally:
             browser.close()
     for shot, name in ((study_shot, "study_page.png"), (overlay_shot, "study_overlay.png"),
-                       (models_shot, "models_page.png")):
+                       (models_shot, "models_page.png"), (list_shot, "list_page.png")):
         _keep(shot, name)
 
     # The overlay as the browser drew it: colour where the heatmap is hot, the grey
@@ -222,6 +225,12 @@ def test_study_and_models_pages_in_headless_chromium(site: Site, tmp_path: Path)
     assert cold.mean() > 40 and cold[..., 0].std() > 3  # the radiograph, not black or flat
     coloured = float((chroma > 30).mean())
     assert 0.02 < coloured < 0.6, coloured  # a blob over the image, not a colour map
+
+    # The list's thumbnail is the same overlay, not the bare colour map.
+    thumb = np.asarray(Image.open(thumb_shot).convert("RGB")).astype(np.int16)
+    thumb_chroma = thumb.max(axis=2) - thumb.min(axis=2)
+    assert 0.02 < float((thumb_chroma > 30).mean()) < 0.6
+    assert float((thumb_chroma < 10).mean()) > 0.3  # grey radiograph around the blob
 
     # The plots sit in a grid: several per row.
     assert len(boxes) == len(PLOTS) + 1 and all(boxes)
