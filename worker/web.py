@@ -85,24 +85,6 @@ def render_heatmap_png(path: Path, size: int = THUMBNAIL_PX) -> bytes:
     return buf.getvalue()
 
 
-def report_pngs(report_path: str | None, reports_dir: Path) -> list[Path]:
-    """The PNG plots belonging to a report: the file itself, the PNGs in a report folder,
-    or the PNGs beside a non-image report file.  Only paths under ``reports_dir``."""
-    if not report_path:
-        return []
-    p = Path(report_path)
-    if p.is_dir():
-        found = sorted(p.glob("*.png"))
-    elif p.suffix.lower() == ".png":
-        found = [p] if p.is_file() else []
-    elif p.exists():
-        found = sorted(p.parent.glob("*.png"))
-    else:
-        found = []
-    root = reports_dir.resolve()
-    return [f for f in found if f.resolve().is_relative_to(root)]
-
-
 # ----- page ------------------------------------------------------------------------------
 
 
