@@ -239,3 +239,16 @@ def test_study_and_models_pages_in_headless_chromium(site: Site, tmp_path: Path)
         assert b is not None
         rows.setdefault(round(b["y"]), []).append(b["x"])
     assert max(len(xs) for xs in rows.values()) >= 3, rows
+
+
+def test_viewer_template_is_validated_at_load_and_filled_url_encoded(make_settings) -> None:  # type: ignore[no-untyped-def]
+    from db.settings import SettingsError
+    from worker.web_study import viewer_url
+
+    for bad in ("javascript:alert(1)//{study_uid}", "https://pacs/{patient_id}",
+                "https://pacs/{study_uid"):
+        with pytest.raises(SettingsError, match="viewer_url_template"):
+            make_settings(viewer_url_template=bad)
+    assert viewer_url("", "1.2", None) is None
+    assert viewer_url("https://p/v?s={study_uid}&a={accession_number}", "1.2.3",
+                      "A&B 7") == "https://p/v?s=1.2.3&a=A%26B%207"

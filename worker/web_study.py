@@ -165,7 +165,7 @@ def viewer_url(template: str, study_uid: str, accession_number: str | None) -> s
 def load_study(db: Database, settings: Settings, study_uid: str) -> StudyView | None:
     from sqlalchemy import select
 
-    from db.models import Delivery, Instance, Prediction, Study
+    from db.models import Delivery, Instance, Prediction, Study, as_utc
     from worker.status import _latest_analyses, delivery_dict, prediction_dict
 
     with db.session() as s:
@@ -193,11 +193,11 @@ def load_study(db: Database, settings: Settings, study_uid: str) -> StudyView | 
             ))
         deliveries = [delivery_dict(d) for d in s.scalars(
             select(Delivery).where(Delivery.study_id == study.id).order_by(Delivery.id))]
-        from worker.status import _iso
-
+        received = as_utc(study.received_at)
         return StudyView(
             study.study_uid, study.accession_number, study.state, study.reason,
-            _iso(study.received_at), prediction_dict(analysis), images, deliveries,
+            received.isoformat() if received else None, prediction_dict(analysis),
+            images, deliveries,
             viewer_url(settings.viewer_url_template, study.study_uid,
                        study.accession_number))
 
