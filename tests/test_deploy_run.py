@@ -230,3 +230,18 @@ def test_cron_line_skips_a_night_while_the_last_run_holds_the_lock(tmp_path: Pat
     assert r.returncode == 1  # flock -n: busy, the trainer never started
     assert not (log / "retrain.log").exists() or not (log / "retrain.log").read_text()
 
+
+
+def test_shipped_env_file_loads_as_valid_settings() -> None:
+    """deploy/cxr-triage.env.example, read the way `set -a; . FILE` and systemd's
+    EnvironmentFile= read it, gives settings that pass validation."""
+    from db.settings import load_settings
+
+    env = {}
+    for line in (DEPLOY / "cxr-triage.env.example").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, value = line.partition("=")
+            env[name] = value
+    settings = load_settings(env=env)
+    assert str(settings.data_dir) == "/var/lib/cxr-triage"
+    assert settings.pacs and settings.port == int(env["CXR_PORT"])
