@@ -146,3 +146,25 @@ def test_health_reports_a_dead_broker_in_every_check_that_needs_it(
     report = check_health(dead, db).as_dict()
     assert {"broker", "inference_worker", "delivery_worker"} <= _failing(report)
     assert "production_model" not in _failing(report)
+
+
+def test_nightly_check_names_a_failed_and_a_stuck_run(tmp_path: Path, make_settings) -> None:  # type: ignore[no-untyped-def]
+    from worker.health import PipelineUnhealthyError, check_nightly
+
+    settings = make_settings(database_url=f"sqlite:///{tmp_path / 'n.db'}")
+    db = Database(settings)
+    try:
+        assert check_nightly(db.engine) == "no nightly run yet"
+        with db.session() as s:
+            s.add(RetrainRun(status="running", started_at=utcnow() - timedelta(hours=2)))
+        assert "running" in check_nightly(db.engine)
+        with db.session() as s:
+            s.add(RetrainRun(status="running", started_at=utcnow() - timedelta(hours=1),
+                             dry_run=True))
+            s.add(RetrainRun(status="running", started_at=utcnow() - timedelta(hours=1)))
+            s.query(RetrainRun).filter(RetrainRun.dry_run.is_(False)).update(
+                {"started_at": utcnow() - timedelta(hours=30)})
+        with pytest.raises(PipelineUnhealthyError, match="never finished"):
+            check_nightly(db.engine)
+    finally:
+        db.dispose()

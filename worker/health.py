@@ -8,7 +8,8 @@
 - ``queue_age``: the oldest ``queued`` study has waited at most
   ``health_max_queue_age_seconds``;
 - ``production_model``: a model is in production;
-- ``nightly``: the last nightly run (dry runs aside) did not fail.
+- ``nightly``: the last nightly run (dry runs aside) did not fail, and has not been
+  "running" for more than a day.
 
 Served at ``/healthz`` by the web page (200 healthy, 503 not) and printed by
 ``cxr-triage health`` (exit 1 when unhealthy), so that compose health checks, systemd
@@ -103,6 +104,10 @@ def check_disk(settings: Settings) -> str:
     return f"{free_mb:.0f} MB free"
 
 
+#: A nightly run still "running" after this long was killed or is stuck.
+STALE_RUN_SECONDS = 24 * 3600.0
+
+
 class PipelineUnhealthyError(RuntimeError):
     """A part of the pipeline is missing or stuck: an operator's matter."""
 
@@ -160,7 +165,7 @@ def check_nightly(engine: Any) -> str:
     from sqlalchemy import select
     from sqlalchemy.orm import Session
 
-    from db.models import RetrainRun
+    from db.models import RetrainRun, as_utc, utcnow
 
     with Session(engine) as s:
         run = s.scalars(select(RetrainRun).where(RetrainRun.dry_run.is_(False))
@@ -168,6 +173,12 @@ def check_nightly(engine: Any) -> str:
                         .limit(1)).first()
         if run is None:
             return "no nightly run yet"
+        started = as_utc(run.started_at)
+        if run.status == "running" and started is not None \
+                and (utcnow() - started).total_seconds() > STALE_RUN_SECONDS:
+            raise PipelineUnhealthyError(
+                f"nightly run {run.id} started at {started} and never finished "
+                "(killed or stuck)")
         if run.status == "failed":
             reasons = "; ".join(str(r) for r in run.reasons or [])[:200]
             raise PipelineUnhealthyError(
