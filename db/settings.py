@@ -241,6 +241,11 @@ class Settings:
     web_auth_password: str = ""
     log_level: str = "INFO"
 
+    # Health that sees the pipeline, and the radiologists' study page
+    health_max_queue_age_seconds: float = 1800.0  # older queued study: health turns red
+    health_ping_timeout: float = 2.0  # seconds to wait for workers' ping replies
+    viewer_url_template: str = ""  # e.g. https://pacs/viewer?StudyInstanceUID={study_uid}
+
     # ----- derived values ------------------------------------------------------------
     @property
     def any_caller(self) -> bool:
@@ -481,6 +486,31 @@ def _validate(s: Settings) -> None:
         raise SettingsError("train_views must be at least 1")
     if bool(s.tls_cert) != bool(s.tls_key):
         raise SettingsError("tls_cert and tls_key must be given together")
+    if s.health_max_queue_age_seconds <= 0 or s.health_ping_timeout <= 0:
+        raise SettingsError("health_max_queue_age_seconds and health_ping_timeout must be > 0")
+    _validate_viewer_template(s.viewer_url_template)
+
+
+VIEWER_FIELDS = ("study_uid", "accession_number")
+
+
+def _validate_viewer_template(template: str) -> None:
+    """An http(s) URL whose only placeholders are ``{study_uid}`` and
+    ``{accession_number}`` (filled in URL-encoded by the web page)."""
+    if not template:
+        return
+    if not template.startswith(("https://", "http://")):
+        raise SettingsError(f"viewer_url_template {template!r} must start with http(s)://")
+    import string
+
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise SettingsError(f"viewer_url_template {template!r}: {exc}") from exc
+    unknown = [f for f in fields if f not in VIEWER_FIELDS]
+    if unknown:
+        raise SettingsError(f"viewer_url_template: unknown placeholders {unknown}; "
+                            f"allowed: {', '.join(VIEWER_FIELDS)}")
 
 
 def load_settings(

@@ -164,10 +164,18 @@ def test_health_command_exit_codes(make_settings, use, monkeypatch: pytest.Monke
                                    capsys: pytest.CaptureFixture[str]) -> None:
     settings = use(make_settings())
     Database(settings).dispose()
-    assert main(["health"]) == EXIT_OK
-    assert json.loads(capsys.readouterr().out)["status"] == "ok"
+    # Database, broker and disk are fine; no worker runs and no model is in production.
+    assert main(["health"]) == EXIT_FAILED
+    checks = json.loads(capsys.readouterr().out)["checks"]
+    assert {n for n, c in checks.items() if not c["ok"]} == {
+        "inference_worker", "delivery_worker", "production_model"}
+    # A container's liveness asks for its own checks only.
+    assert main(["health", "--check", "database,broker", "--check", "disk"]) == EXIT_OK
+    assert set(json.loads(capsys.readouterr().out)["checks"]) == {"database", "broker", "disk"}
+    assert main(["health", "--check", "databse"]) == EXIT_USAGE
     monkeypatch.setenv("CXR_MIN_FREE_MB", str(10**9))
     assert main(["health"]) == EXIT_FAILED
+    assert not json.loads(capsys.readouterr().out)["checks"]["disk"]["ok"]
 
 
 def test_every_subcommand_has_help() -> None:

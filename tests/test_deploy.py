@@ -27,7 +27,7 @@ NOT_SETTINGS = {"CONFIG", "TRIAGE", "DEMO"}
 
 
 def _texts() -> dict[str, str]:
-    files = [p for p in DEPLOY.rglob("*") if p.is_file()] + [DOCS]
+    files = [p for p in DEPLOY.rglob("*") if p.is_file()] + [DOCS, ROOT / "docs" / "operations.md"]
     return {str(p.relative_to(ROOT)): p.read_text() for p in files}
 
 
@@ -164,19 +164,31 @@ def test_systemd_analyze_verifies_the_units(tmp_path: Path) -> None:
     tool = shutil.which("systemd-analyze")
     if tool is None:
         pytest.skip("systemd-analyze is not installed")
-    # The units name the production venv; point them at this interpreter's bin dir, which
-    # holds the same entry points, so that verify checks everything else for real.
-    bin_dir = str(Path(sys.executable).parent)
-    for name in ("celery", "cxr-triage"):
-        if not (Path(bin_dir) / name).exists():
-            pytest.skip(f"{name} is not installed beside {sys.executable}")
+    # The units name the production venv; point each program at the one on this PATH (the
+    # same entry points), so that verify checks everything else for real.
+    programs = set(re.findall(re.escape(VENV_BIN) + r"/([\w.-]+)",
+                              "".join(u.read_text() for u in UNITS)))
+    found = {name: shutil.which(name) for name in programs}
+    missing = [name for name, path in found.items() if path is None]
+    if missing:
+        pytest.skip(f"{missing} not installed on PATH")
     copies = []
     for unit in UNITS:
+        text = unit.read_text()
+        for name, path in found.items():
+            text = text.replace(f"{VENV_BIN}/{name}", str(path))
         copy = tmp_path / unit.name
-        copy.write_text(unit.read_text().replace(VENV_BIN, bin_dir))
+        copy.write_text(text)
         copies.append(str(copy))
     r = subprocess.run([tool, "verify", *copies], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_systemd_documentation_points_at_a_shipped_page() -> None:
+    for unit in UNITS:
+        [doc] = re.findall(r"^Documentation=file://(\S+)$", unit.read_text(), flags=re.M)
+        assert doc.startswith("/opt/cxr-triage/"), (unit.name, doc)
+        assert (ROOT / doc.removeprefix("/opt/cxr-triage/")).is_file(), (unit.name, doc)
 
 
 def test_crontab_locks_and_logs_the_nightly_trainer() -> None:

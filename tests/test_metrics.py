@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import urllib.request
+import uuid
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from db.models import RetrainRun, utcnow
 from db.session import Database
 from db.settings import Settings
 from tests.support.ops_populate import populate
@@ -26,9 +30,16 @@ def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return out
 
 
-def test_database_collector_exports_states_model_and_positive_rate(settings: Settings) -> None:
+def test_database_collector_exports_states_model_and_positive_ratio(settings: Settings) -> None:
     db = Database(settings)
     pop = populate(db, settings.data_dir)
+    finished = utcnow() - timedelta(hours=3)
+    with db.session() as s:
+        s.add(RetrainRun(status="done", started_at=finished - timedelta(seconds=1500),
+                         finished_at=finished))
+        s.add(RetrainRun(status="failed", started_at=utcnow(), finished_at=utcnow()))
+        s.add(RetrainRun(status="done", dry_run=True, started_at=utcnow(),
+                         finished_at=utcnow()))
     registry = CollectorRegistry()
     server = metrics.start_metrics_server(0, addr="127.0.0.1", db=db, registry=registry)
     try:
@@ -42,9 +53,17 @@ def test_database_collector_exports_states_model_and_positive_rate(settings: Set
     assert got[("cxr_studies", (("state", "receiving"),))] == 0.0
     assert got[("cxr_deliveries", (("state", "failed"),))] == 1.0
     assert got[("cxr_production_model_info", (("version", pop.model_version),))] == 1.0
-    assert got[("cxr_positive_rate", (("model_version", pop.model_version),))] == 1.0
+    assert got[("cxr_positive_ratio", (("model_version", pop.model_version),))] == 1.0
+    assert not any(name == "cxr_positive_rate" for name, _ in got)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    undocumented = {name for name, _ in got if f"| `{name}` |" not in readme}
+    assert not undocumented, f"metrics missing from the README table: {undocumented}"
     assert got[("cxr_scored_studies", (("model_version", pop.model_version),))] == 1.0
     assert got[("cxr_oldest_waiting_study_seconds", ())] > 1700
+    assert 1700 < got[("cxr_oldest_queued_study_seconds", ())] < 4000  # the populated one
+    assert got[("cxr_last_successful_retrain_duration_seconds", ())] == pytest.approx(1500)
+    assert got[("cxr_last_successful_retrain_timestamp_seconds", ())] == pytest.approx(
+        finished.timestamp(), abs=1)
 
 
 def test_event_counters_and_histograms_are_served() -> None:
@@ -99,7 +118,46 @@ def test_health_checks_a_real_redis_broker(make_settings) -> None:  # type: igno
         pytest.skip("Redis is not reachable at 127.0.0.1:6379")
     s = make_settings(broker_url="redis://127.0.0.1:6379/0")
     Database(s).dispose()  # schema at head
-    report = check_health(s)
-    assert report.ok, report.as_dict()
+    report = check_health(s).as_dict()
+    assert report["checks"]["broker"]["ok"] and report["checks"]["database"]["ok"], report
     bad = check_health(make_settings(broker_url="redis://127.0.0.1:1/0"))
     assert not bad.ok and not bad.as_dict()["checks"]["broker"]["ok"]
+
+
+@pytest.mark.redis
+def test_queue_depth_per_celery_queue_from_a_real_redis(make_settings) -> None:  # type: ignore[no-untyped-def]
+    if not redis_reachable():
+        pytest.skip("Redis is not reachable at 127.0.0.1:6379")
+    from db.broker import make_celery
+
+    tag = uuid.uuid4().hex[:8]
+    s = make_settings(broker_url="redis://127.0.0.1:6379/0", inference_queue=f"inf-{tag}",
+                      delivery_queue=f"del-{tag}")
+    app = make_celery(s, main="test-publisher")
+    try:
+        for _ in range(3):
+            app.send_task("worker.tasks.analyse_study", args=[0], queue=s.inference_queue)
+        app.send_task("worker.tasks.deliver", args=[0], queue=s.delivery_queue)
+        registry = CollectorRegistry()
+        registry.register(metrics.BrokerCollector(s))
+        server = metrics.start_metrics_server(0, addr="127.0.0.1", registry=registry)
+        try:
+            got = _scrape(server.port)
+        finally:
+            server.stop()
+        assert got[("cxr_broker_up", ())] == 1.0
+        assert got[("cxr_queue_depth", (("queue", s.inference_queue),))] == 3.0
+        assert got[("cxr_queue_depth", (("queue", s.delivery_queue),))] == 1.0
+    finally:
+        with app.connection_for_write() as conn:
+            for q in (s.inference_queue, s.delivery_queue):
+                conn.default_channel.queue_purge(q)
+        app.close()
+    registry = CollectorRegistry()
+    registry.register(metrics.BrokerCollector(s.replace(broker_url="redis://127.0.0.1:1/0")))
+    server = metrics.start_metrics_server(0, addr="127.0.0.1", registry=registry)
+    try:
+        got = _scrape(server.port)
+    finally:
+        server.stop()
+    assert got[("cxr_broker_up", ())] == 0.0

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -90,19 +93,26 @@ def test_up_starts_every_process_answers_echo_and_stops_on_sigint(tmp_path: Path
 
         wait_until(echo_ok, timeout=90, interval=0.5, what="C-ECHO to the listener under up")
 
-        def web_ok() -> bool:
+        def health() -> dict[str, Any] | None:
+            import urllib.error
             import urllib.request
 
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/healthz",
-                                            timeout=5) as r:
-                    return r.status == 200
+                                            timeout=30) as r:
+                    return json.loads(r.read())  # type: ignore[no-any-return]
+            except urllib.error.HTTPError as exc:  # 503: unhealthy, still an answer
+                return json.loads(exc.read())  # type: ignore[no-any-return]
             except OSError:
-                return False
+                return None
 
-        wait_until(web_ok, timeout=60, interval=0.5, what="the web page under up")
+        wait_until(health, timeout=60, interval=0.5, what="the web page under up")
         wait_until(lambda: " ready." in log_path.read_text(), timeout=90, interval=0.5,
                    what="the Celery worker to report ready")
+        # The embedded worker answers pings for both queues; only the model is missing.
+        report = wait_until(lambda: (h := health()) and h["checks"]["inference_worker"]["ok"]
+                            and h, timeout=60, interval=1, what="workers answering under up")
+        assert {n for n, c in report["checks"].items() if not c["ok"]} == {"production_model"}
         text = log_path.read_text()
         pids = {line.split()[1]: int(line.split("pid=")[1])
                 for line in text.splitlines() if line.startswith("CHILD ")}
@@ -125,8 +135,12 @@ def test_up_starts_every_process_answers_echo_and_stops_on_sigint(tmp_path: Path
     assert "restarting in" not in text, text[-3000:]
 
 
-def _run_demo(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _run_demo(tmp_path: Path, *args: str,
+              extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
+    # Where the operator's installation would be: an empty data dir unless a test sets one.
+    env["CXR_DATA_DIR"] = str(tmp_path / "installation")
+    env.update(extra_env or {})
     return subprocess.run([sys.executable, "-m", "worker.cli", "demo", "--workdir",
                            str(tmp_path / "demo"), "--timeout", "150", *args],
                           cwd=Path(__file__).resolve().parents[1], env=env,
@@ -142,6 +156,8 @@ def test_demo_with_phantoms_delivers_sr_and_heatmap_to_a_folder_pacs(tmp_path: P
     r = _run_demo(tmp_path, "--data", str(empty), "--no-orthanc", "--studies", "2")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "SYNTHETIC PHANTOMS" in r.stdout and "UNTRAINED" in r.stdout
+    # Waiting for its own listener is silent: no ERROR line anywhere.
+    assert "ERROR" not in r.stdout + r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
     received = [pydicom.dcmread(p) for p in (tmp_path / "demo" / "pacs").glob("*.dcm")]
     modalities = sorted(ds.Modality for ds in received)
     assert modalities.count("SR") == 2 and len(received) == 4, modalities
@@ -196,3 +212,42 @@ def test_demo_stopped_by_sigterm_leaves_no_process_behind(tmp_path: Path) -> Non
             if line.startswith("CHILD ")]
     assert pids and proc.returncode == 128 + signal.SIGTERM
     wait_until(lambda: all(_gone(pid) for pid in pids), 30, what=f"children gone: {pids}")
+
+
+@pytest.mark.slow
+def test_demo_uses_the_installation_production_model_and_stops_its_orthanc(
+        tmp_path: Path, make_settings) -> None:  # type: ignore[no-untyped-def]
+    """With a production model in the operator's installation the demo scores with it and
+    says so; the Orthanc it starts is gone afterwards unless --keep-pacs asks."""
+    if shutil.which("Orthanc") is None:
+        pytest.skip("Orthanc is not installed (apt install orthanc)")
+    from db.session import Database
+    from tests.support.services import port_open
+    from tests.support.worker_data import register_and_promote
+
+    installation = make_settings(data_dir=tmp_path / "installation")
+    db = Database(installation)
+    register_and_promote(db, installation, "m-site-2026")
+    db.dispose()
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    r = _run_demo(tmp_path, "--data", str(empty), "--studies", "1")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "model in production: m-site-2026 (the installation's production model)" in out
+    assert "UNTRAINED" not in out and "ERROR" not in out, out[-3000:]
+    http_port = int(re.search(r"Orthanc http://127.0.0.1:(\d+)/", out).group(1))  # type: ignore[union-attr]
+    assert not port_open("127.0.0.1", http_port), "the demo's Orthanc is still running"
+
+    r = _run_demo(tmp_path / "kept", "--data", str(empty), "--studies", "1", "--keep-pacs",
+                  extra_env={"CXR_DATA_DIR": str(tmp_path / "installation")})
+    out = r.stdout + r.stderr
+    pid = int(re.search(r"left running \(--keep-pacs\): .*, pid (\d+);", out).group(1))  # type: ignore[union-attr]
+    try:
+        assert r.returncode == 0, out[-3000:]
+        http_port = int(re.search(r"Orthanc http://127.0.0.1:(\d+)/", out).group(1))  # type: ignore[union-attr]
+        assert port_open("127.0.0.1", http_port)
+        assert not _gone(pid)
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: _gone(pid), 30, what="the kept Orthanc to stop")

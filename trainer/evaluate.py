@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from db.session import Database
 from db.settings import Settings, SettingsError, load_settings
 from trainer.checkpoint import CheckpointError, LoadedModel, ModelMeta, load_checkpoint
 from trainer.datasets import DatasetError, ImageRecord, describe, folder_records
 from trainer.metrics import evaluate_scores
+from trainer.progress import progress
 from trainer.registry import RegistryError, get_model, production_model
 from trainer.splits import Split, split_records
 from trainer.train import load_squares
@@ -44,7 +44,7 @@ def predict_records(model: nn.Module, meta: ModelMeta, records: Sequence[ImageRe
     dev = torch.device(device)
     model = model.to(dev).eval()
     out: list[np.ndarray] = []
-    with tqdm(total=len(records), desc=desc, unit="img", leave=False, disable=None) as bar:
+    with progress(len(records), desc, unit="img") as bar:
         for s in range(0, len(records), batch_size):
             chunk = records[s:s + batch_size]
             x = normalise(load_squares(chunk, meta), meta.preprocessing).to(dev)

@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from db.settings import Settings
 from dicom_node.pixels import load_image_file
@@ -49,6 +48,7 @@ from trainer.features import (
     split_model,
 )
 from trainer.metrics import evaluate_scores, roc_auc, threshold_for_sensitivity
+from trainer.progress import progress, track
 from trainer.transforms import Augmentation, augment, normalise, prepare_squares
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ def extract(prefix: nn.Module, records: Sequence[ImageRecord], meta: ModelMeta, 
             cache: FeatureCache | None, device: torch.device, cfg: TrainConfig,
             desc: str) -> torch.Tensor:
     """Cached prefix features ``(N, views, C, H, W)`` for ``records``."""
-    with tqdm(total=len(records), desc=desc, unit="img", leave=False, disable=None) as bar:
+    with progress(len(records), desc, unit="img") as bar:
         return compute_features(
             prefix, [r.key for r in records], views,
             lambda idx: load_squares([records[i] for i in idx], meta),
@@ -190,14 +190,14 @@ def _run_stage(
     gen = torch.Generator().manual_seed(cfg.seed + len(history))
     n, views = train_x.shape[0], train_x.shape[1]
     stale = 0
-    for _ in range(epochs):
+    for stage_epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
         train_mode(model)
         order = torch.randperm(n, generator=gen)
         pick = torch.randint(0, views, (n,), generator=gen)
         total = 0.0
-        for s in tqdm(range(0, n, cfg.batch_size), desc=f"{name} epoch {len(history) + 1}",
-                      leave=False, disable=None):
+        batches = range(0, n, cfg.batch_size)
+        for s in track(batches, len(batches), f"{name} epoch {stage_epoch}/{epochs}", "batch"):
             idx = order[s:s + cfg.batch_size]
             if idx.numel() < 2 and n >= 2:
                 continue  # BatchNorm cannot train on a single sample
@@ -221,8 +221,8 @@ def _run_stage(
         row = {"epoch": len(history) + 1, "stage": name, "train_loss": total / max(n, 1),
                "val_loss": val_loss, "val_auc": auc, "seconds": time.perf_counter() - t0}
         history.append(row)
-        log.info("epoch %d stage=%s train_loss=%.4f val_loss=%.4f val_auc=%s time=%.1fs",
-                 row["epoch"], name, row["train_loss"], val_loss,
+        log.info("epoch %d/%d stage=%s train_loss=%.4f val_loss=%.4f val_auc=%s time=%.1fs",
+                 stage_epoch, epochs, name, row["train_loss"], val_loss,
                  "n/a" if auc is None else f"{auc:.4f}", row["seconds"])
         if best["score"] is None or score > best["score"]:
             best.update(score=score, state=copy.deepcopy(model.state_dict()), epoch=row["epoch"])

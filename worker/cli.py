@@ -300,7 +300,12 @@ def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
     from worker.health import check_health
 
-    report = check_health(settings)
+    only = [c for arg in args.check or [] for c in arg.split(",") if c]
+    try:
+        report = check_health(settings, only=only or None)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     print(json.dumps(report.as_dict(), indent=2, sort_keys=True))
     return EXIT_OK if report.ok else EXIT_FAILED
 
@@ -326,6 +331,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         timeout=args.timeout,
         studies=args.studies,
         model=Path(args.model) if args.model else None,
+        keep_pacs=args.keep_pacs,
     ), base=settings)
 
 
@@ -397,8 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-orthanc", action="store_true",
                     help="use the built-in storage SCP even where Orthanc is installed")
     sp.add_argument("--studies", type=int, default=3, help="how many studies to send")
-    sp.add_argument("--model", metavar="PATH", help="checkpoint to score with (default: an "
-                    "untrained network whose scores are meaningless)")
+    sp.add_argument("--model", metavar="PATH", help="checkpoint to score with (default: the "
+                    "installation's production model, else an untrained network whose "
+                    "scores are meaningless)")
+    sp.add_argument("--keep-pacs", action="store_true",
+                    help="leave the Orthanc it starts running afterwards, to browse results")
     sp.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for results")
 
     sp = add("web", cmd_web, "serve the read-only operator web page")
@@ -408,7 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("settings", cmd_settings, "print effective settings (secrets masked)")
     sp.add_argument("--json", action="store_true")
 
-    add("health", cmd_health, "check database, broker and disk; exit 1 when unhealthy")
+    hp = add("health", cmd_health, "check database, broker, disk, workers, queue age, "
+             "production model and the last nightly run; exit 1 when unhealthy")
+    hp.add_argument("--check", action="append", metavar="NAME[,NAME]",
+                    help="only these checks (e.g. database,broker,disk for a container's "
+                         "liveness)")
     return p
 
 

@@ -2,9 +2,14 @@
 
 Everything runs for real on a private data directory: a receiving PACS (Orthanc when
 installed, else a small pynetdicom storage SCP writing to a folder), the listener and a
-worker as subprocesses, SR and heatmap delivery back to that PACS.  The model is one the
-operator names with ``--model``, or else an untrained network registered as
-``demo-untrained`` whose scores mean nothing: the demo shows the plumbing, not accuracy.
+worker as subprocesses, SR and heatmap delivery back to that PACS.  The model is, in this
+order: one the operator names with ``--model``; the production model of the installation
+(the settings' database), copied by reference with its version; or else an untrained
+network registered as ``demo-untrained`` whose scores mean nothing.  The demo says which.
+
+It waits for its own listener by connecting to the port (no DICOM association, so no
+error lines while the listener starts), then checks it once with C-ECHO.  The Orthanc it
+starts as the receiving PACS stops with the demo unless ``--keep-pacs`` asks otherwise.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class DemoOptions:
     timeout: float = 600.0
     studies: int = 3
     model: Path | None = None
+    keep_pacs: bool = False
 
 
 def free_port() -> int:
@@ -64,7 +70,7 @@ class Receiver:
 class OrthancReceiver(Receiver):
     """A real Orthanc with a temporary configuration on free ports."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, detach: bool = False) -> None:
         self.port, self.http_port = free_port(), free_port()
         workdir.mkdir(parents=True, exist_ok=True)
         config = {
@@ -77,8 +83,10 @@ class OrthancReceiver(Receiver):
         }
         (workdir / "orthanc.json").write_text(json.dumps(config, indent=2))
         log = open(workdir / "orthanc.log", "ab")  # noqa: SIM115 - kept open for the child
+        # detach: its own session, so that Ctrl-C on the demo leaves a kept PACS running
         self.process = subprocess.Popen(["Orthanc", str(workdir / "orthanc.json")],
-                                        stdout=log, stderr=log, cwd=workdir)
+                                        stdout=log, stderr=log, cwd=workdir,
+                                        start_new_session=detach)
         log.close()
         self.where = f"Orthanc http://127.0.0.1:{self.http_port}/app/explorer.html"
         deadline = time.monotonic() + 60
@@ -178,7 +186,50 @@ def demo_inputs(options: DemoOptions, workdir: Path) -> tuple[list[Path], str]:
             "SYNTHETIC PHANTOMS (PatientName PHANTOM^SYNTHETIC): no real data found")
 
 
-def register_demo_model(settings: Settings, model: Path | None) -> str:
+@dataclass(frozen=True)
+class DemoModel:
+    path: Path | None  # None: build the untrained network
+    version: str | None
+    origin: str  # said to the operator
+
+
+def installation_model(base: Settings | None) -> DemoModel | None:
+    """The production model of the installation ``base`` points at, when one exists and
+    its file is readable; never creates a database."""
+    if base is None:
+        return None
+    url = base.effective_database_url
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
+        return None
+    from db.session import Database
+    from worker.status import production_model
+
+    try:
+        db = Database(base, migrate=False)
+    except Exception:  # noqa: BLE001 - no installation database: the demo goes without
+        return None
+    try:
+        with db.session() as s:
+            row = production_model(s)
+            found = (Path(row.path), row.version) if row is not None else None
+    except Exception:  # noqa: BLE001 - unreachable or unmigrated: as if none
+        return None
+    finally:
+        db.dispose()
+    if found is None or not found[0].is_file():
+        return None
+    return DemoModel(found[0], found[1], "the installation's production model")
+
+
+def choose_demo_model(options: DemoOptions, base: Settings | None) -> DemoModel:
+    if options.model is not None:
+        return DemoModel(options.model, None, "the model named with --model")
+    return installation_model(base) or DemoModel(
+        None, None, "UNTRAINED: no production model found, scores are meaningless")
+
+
+def register_demo_model(settings: Settings, model: Path | None,
+                        version: str | None = None) -> str:
     """Register and promote ``model``, or an untrained small network labelled as such."""
     from db.session import Database
     from trainer.registry import promote, register_model
@@ -194,7 +245,7 @@ def register_demo_model(settings: Settings, model: Path | None) -> str:
                              preprocessing=Preprocessing.for_backbone("tiny_cnn"),
                              threshold=0.5, version="demo-untrained")
             save_checkpoint(model, build_model("tiny_cnn", pretrained=False), meta)
-        info = register_model(db, model)
+        info = register_model(db, model, version=version)
         promote(db, info.version)
         return str(info.version)
     finally:
@@ -223,6 +274,15 @@ def send_files(files: list[Path], settings: Settings) -> list[str]:
     finally:
         assoc.release()
     return sorted({str(ds.StudyInstanceUID) for ds in datasets})
+
+
+def port_accepts(port: int) -> bool:
+    """A TCP connection is accepted (closed at once): no DICOM, nothing logged."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 def echo_ok(settings: Settings) -> bool:
@@ -297,7 +357,8 @@ def run_demo(options: DemoOptions, base: Settings | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"demo files under {workdir}", flush=True)
     use_orthanc = options.use_orthanc and shutil.which("Orthanc") is not None
-    receiver: Receiver = (OrthancReceiver(workdir / "pacs") if use_orthanc
+    receiver: Receiver = (OrthancReceiver(workdir / "pacs", detach=options.keep_pacs)
+                          if use_orthanc
                           else FolderReceiver(workdir / "pacs"))
     print(f"receiving PACS: {PACS_AE}@127.0.0.1:{receiver.port} ({receiver.where})", flush=True)
     values: dict[str, Any] = {
@@ -316,10 +377,9 @@ def run_demo(options: DemoOptions, base: Settings | None = None) -> int:
     # own sessions: turn it into an exit that runs the `finally` below.
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        version = register_demo_model(settings, options.model)
-        print(f"model in production: {version}"
-              + (" (UNTRAINED: scores are meaningless)" if options.model is None else ""),
-              flush=True)
+        chosen = choose_demo_model(options, base)
+        version = register_demo_model(settings, chosen.path, chosen.version)
+        print(f"model in production: {version} ({chosen.origin})", flush=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
         env.update(CXR_CONFIG=str(config), PYTHONUNBUFFERED="1")
         py = sys.executable
@@ -332,13 +392,15 @@ def run_demo(options: DemoOptions, base: Settings | None = None) -> int:
         ], env)
         supervisor.tick()
         deadline = time.monotonic() + min(options.timeout, 120)
-        while not echo_ok(settings):
+        while not port_accepts(settings.port):
             if time.monotonic() > deadline:
-                raise RuntimeError("the listener did not answer C-ECHO within 120 s")
+                raise RuntimeError("the listener did not open its port within 120 s")
             supervisor.tick()
             if supervisor.gave_up:
                 raise RuntimeError(supervisor.gave_up)
-            time.sleep(0.5)
+            time.sleep(0.2)
+        if not echo_ok(settings):
+            raise RuntimeError("the listener accepted a connection but refused C-ECHO")
         files, source = demo_inputs(options, workdir)
         print(f"sending {len(files)} file(s): {source}", flush=True)
         study_uids = send_files(files, settings)
@@ -362,7 +424,13 @@ def run_demo(options: DemoOptions, base: Settings | None = None) -> int:
     finally:
         if supervisor is not None:
             supervisor.shutdown()
-        receiver.stop()
+        if options.keep_pacs and isinstance(receiver, OrthancReceiver) \
+                and receiver.process.poll() is None:
+            print(f"receiving PACS left running (--keep-pacs): {receiver.where}, "
+                  f"pid {receiver.process.pid}; stop it with: kill {receiver.process.pid}",
+                  flush=True)
+        else:
+            receiver.stop()
         signal.signal(signal.SIGTERM, previous)
 
 

@@ -6,8 +6,10 @@ Two sources feed one endpoint per process:
   (:func:`instance_received`, :func:`instance_rejected`, :func:`observe_queue_wait`,
   :func:`observe_inference`, :func:`delivery_outcome`, :func:`prediction_made`);
 * a collector that reads the database at scrape time (:class:`DatabaseCollector`): studies
-  by state, deliveries by state, the oldest waiting study, the production model and the
-  positive rate by model version.  It covers what no process counted, and it is the same
+  by state, deliveries by state, the oldest waiting and the oldest queued study, the
+  production model, the positive ratio by model version and the last successful retrain;
+* a collector that asks the broker at scrape time (:class:`BrokerCollector`): messages
+  waiting in each Celery queue.  It covers what no process counted, and it is the same
   whichever process is scraped, so it is served once: at ``/metrics`` of the web page
   (``cxr-triage web``, also inside ``up``).
 
@@ -135,7 +137,7 @@ class DatabaseCollector(Collector):
         if gauges.production_version:
             prod.add_metric([gauges.production_version], 1.0)
         yield prod
-        rate = GaugeMetricFamily("cxr_positive_rate",
+        rate = GaugeMetricFamily("cxr_positive_ratio",
                                  "Share of scored studies called positive, by model version",
                                  labels=["model_version"])
         scored = GaugeMetricFamily("cxr_scored_studies",
@@ -146,6 +148,49 @@ class DatabaseCollector(Collector):
                 rate.add_metric([version], positives / n)
         yield rate
         yield scored
+        queued = GaugeMetricFamily("cxr_oldest_queued_study_seconds",
+                                   "How long the oldest queued study has waited for a worker")
+        queued.add_metric([], gauges.oldest_queued_seconds)
+        yield queued
+        last = GaugeMetricFamily("cxr_last_successful_retrain_timestamp_seconds",
+                                 "When the last nightly run that trained finished (Unix time)")
+        took = GaugeMetricFamily("cxr_last_successful_retrain_duration_seconds",
+                                 "How long the last nightly run that trained took")
+        if gauges.last_retrain is not None:
+            last.add_metric([], gauges.last_retrain[0])
+            took.add_metric([], gauges.last_retrain[1])
+        yield last
+        yield took
+
+
+class BrokerCollector(Collector):
+    """Messages waiting in each Celery queue, asked of the broker at scrape time."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        from worker.probes import BrokerUnreachableError, queue_depths
+
+        up = GaugeMetricFamily("cxr_broker_up", "1 when the broker answered")
+        depth = GaugeMetricFamily("cxr_queue_depth",
+                                  "Messages waiting in a Celery queue, not yet taken by a "
+                                  "worker", labels=["queue"])
+        try:
+            depths = queue_depths(self.settings)
+        except BrokerUnreachableError as exc:
+            log.warning("metrics: broker unreachable error=%s", exc)
+            up.add_metric([], 0.0)
+            yield up
+            return
+        up.add_metric([], 1.0)
+        for queue, n in sorted(depths.items()):
+            depth.add_metric([queue], float(n))
+        yield up
+        yield depth
 
 
 # ----- serving -------------------------------------------------------------------------------

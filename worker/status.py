@@ -21,6 +21,7 @@ from db.models import (
     ModelStage,
     ModelVersion,
     Prediction,
+    RetrainRun,
     Study,
     StudyState,
     as_utc,
@@ -42,6 +43,7 @@ class StatusQuery:
 
     limit: int = 200
     state: str | None = None
+    offset: int = 0  # skip this many of the newest (paging)
 
 
 def _latest_analyses(s: Session, study_ids: list[int]) -> dict[int, Analysis]:
@@ -104,7 +106,8 @@ def prediction_dict(a: Analysis | None) -> dict[str, Any] | None:
 
 def list_studies(s: Session, query: StatusQuery = StatusQuery()) -> list[dict[str, Any]]:
     """The newest studies with their latest prediction and their deliveries."""
-    stmt = select(Study).order_by(Study.received_at.desc(), Study.id.desc()).limit(query.limit)
+    stmt = (select(Study).order_by(Study.received_at.desc(), Study.id.desc())
+            .offset(query.offset).limit(query.limit))
     if query.state:
         stmt = stmt.where(Study.state == query.state)
     studies = list(s.scalars(stmt).all())
@@ -271,6 +274,9 @@ class Gauges:
     oldest_waiting_seconds: float
     production_version: str | None
     calls_by_version: dict[str, tuple[int, int]]  # version -> (scored, positive)
+    oldest_queued_seconds: float = 0.0
+    # (finished at, as a Unix time; seconds it took) of the last nightly run that trained
+    last_retrain: tuple[float, float] | None = None
 
 
 def read_gauges(db: Any) -> Gauges:
@@ -300,5 +306,19 @@ def read_gauges(db: Any) -> Gauges:
         for version, positive, n in rows:
             total, pos = calls.get(version, (0, 0))
             calls[version] = (total + int(n), pos + (int(n) if positive else 0))
+        queued = as_utc(s.scalar(select(func.min(func.coalesce(Study.queued_at,
+                                                               Study.received_at)))
+                                 .where(Study.state == StudyState.QUEUED)))
+        queued_wait = (utcnow() - queued).total_seconds() if queued else 0.0
+        run = s.scalars(select(RetrainRun)
+                        .where(RetrainRun.status == "done", RetrainRun.dry_run.is_(False),
+                               RetrainRun.finished_at.is_not(None))
+                        .order_by(RetrainRun.finished_at.desc()).limit(1)).first()
+        last_retrain = None
+        if run is not None:
+            finished, started = as_utc(run.finished_at), as_utc(run.started_at)
+            assert finished is not None and started is not None
+            last_retrain = (finished.timestamp(), (finished - started).total_seconds())
         return Gauges(by_state, deliveries, max(0.0, wait),
-                      prod.version if prod is not None else None, calls)
+                      prod.version if prod is not None else None, calls,
+                      max(0.0, queued_wait), last_retrain)

@@ -1,10 +1,14 @@
 """The operator's read-only web page (stdlib ``http.server``; no CDN, no JavaScript).
 
-Routes: ``/`` the page; ``/api/status`` the ``status --json`` object; ``/healthz`` the
-health report (200 or 503); ``/metrics`` the database gauges for Prometheus;
-``/heatmap/<prediction id>.png`` a thumbnail rendered from the
-stored heatmap (``.npy`` float map or ``.png``); ``/reports/<path>`` PNG plots under
-``settings.reports_dir``; ``/static/<file>`` the stylesheet.  Nothing here writes.
+Routes: ``/`` the page (``?state=S&page=N`` filter and page the studies);
+``/study/<study uid>`` one study for radiologists; ``/models`` the models with their
+reports and plots; ``/api/status`` the ``status --json`` object; ``/healthz`` the health
+report (200 or 503); ``/metrics`` the gauges for Prometheus;
+``/overlay/<prediction id>.png`` the heatmap over the radiograph, as in the SC;
+``/heatmap/<prediction id>.png`` a thumbnail rendered from the stored heatmap alone
+(``.npy`` float map or ``.png``); ``/reports/<path>`` HTML reports and PNG plots under
+``settings.reports_dir``; ``/static/<file>`` the stylesheet.  Nothing here writes.  The
+radiologists' pages live in :mod:`worker.web_study`.
 """
 
 from __future__ import annotations
@@ -19,13 +23,27 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from db.session import Database
 from db.settings import Settings
 from worker import web_security
+from worker.web_study import (
+    MAX_OVERLAY_PX,
+    OVERLAY_PX,
+    BadQueryError,
+    ListQuery,
+    count_studies,
+    load_models,
+    load_study,
+    render_list_controls,
+    render_models,
+    render_overlay_png,
+    render_study,
+)
 
 log = logging.getLogger(__name__)
+REPORT_TYPES = {".png": "image/png", ".html": "text/html; charset=utf-8"}
 STATIC_DIR = Path(__file__).parent / "web_static"
 THUMBNAIL_PX = 192
 NOT_FOR_DIAGNOSIS = (
@@ -68,24 +86,6 @@ def render_heatmap_png(path: Path, size: int = THUMBNAIL_PX) -> bytes:
     return buf.getvalue()
 
 
-def report_pngs(report_path: str | None, reports_dir: Path) -> list[Path]:
-    """The PNG plots belonging to a report: the file itself, the PNGs in a report folder,
-    or the PNGs beside a non-image report file.  Only paths under ``reports_dir``."""
-    if not report_path:
-        return []
-    p = Path(report_path)
-    if p.is_dir():
-        found = sorted(p.glob("*.png"))
-    elif p.suffix.lower() == ".png":
-        found = [p] if p.is_file() else []
-    elif p.exists():
-        found = sorted(p.parent.glob("*.png"))
-    else:
-        found = []
-    root = reports_dir.resolve()
-    return [f for f in found if f.resolve().is_relative_to(root)]
-
-
 # ----- page ------------------------------------------------------------------------------
 
 
@@ -101,38 +101,20 @@ def _prob(value: float | None) -> str:
 class PageData:
     status: dict[str, Any]
     models: list[dict[str, Any]]
-    model_plots: dict[str, list[str]]  # version -> URLs
+    query: ListQuery
+    total: int  # studies matching the query's state, all pages
 
 
-def load_page_data(db: Database, settings: Settings, limit: int = 100) -> PageData:
-    from sqlalchemy import select
-
-    from db.models import Evaluation, ModelVersion, RetrainRun
+def load_page_data(db: Database, settings: Settings,
+                   query: ListQuery | None = None) -> PageData:
     from worker.status import StatusQuery, collect_status, list_models
 
-    plots: dict[str, list[str]] = {}
-    root = settings.reports_dir.resolve()
+    query = query or ListQuery()
     with db.session() as s:
-        status = collect_status(s, StatusQuery(limit=limit))
+        status = collect_status(s, StatusQuery(limit=query.page_size, state=query.state,
+                                               offset=query.offset))
         models = list_models(s)
-        rows = s.execute(
-            select(ModelVersion.version, Evaluation.report_path)
-            .join(Evaluation, Evaluation.model_version_id == ModelVersion.id)
-            .order_by(Evaluation.id)
-        ).all()
-        runs = s.execute(
-            select(RetrainRun.challenger_version, RetrainRun.report_path)
-            .where(RetrainRun.report_path.is_not(None))
-        ).all()
-    for version, report in [*rows, *runs]:
-        if not version:
-            continue
-        for png in report_pngs(report, settings.reports_dir):
-            rel = png.resolve().relative_to(root).as_posix()
-            url = "/reports/" + quote(rel)
-            if url not in plots.setdefault(version, []):
-                plots[version].append(url)
-    return PageData(status, models, plots)
+    return PageData(status, models, query, count_studies(db, query.state))
 
 
 def render_page(data: PageData) -> str:
@@ -157,7 +139,8 @@ def render_page(data: PageData) -> str:
                      '<span class="call-negative">negative</span>')
         thumbs = "".join(
             f'<img class="heatmap" alt="heatmap {h["prediction_id"]}" '
-            f'src="/heatmap/{h["prediction_id"]}.png">' for h in st["heatmaps"][:3]
+            f'src="/overlay/{h["prediction_id"]}.png?px={THUMBNAIL_PX}">'
+            for h in st["heatmaps"][:3]
         ) or '<span class="muted">–</span>'
         deliveries = "<br>".join(
             f"{_e(d['kind'])} → {_e(d['destination'])}: {_e(d['state'])}"
@@ -166,7 +149,8 @@ def render_page(data: PageData) -> str:
             for d in st["deliveries"]
         ) or '<span class="muted">–</span>'
         rows.append(
-            f"<tr><td class=\"uid\">{_e(st['study_uid'])}</td>"
+            f"<tr><td class=\"uid\"><a href=\"/study/{quote(st['study_uid'], safe='')}\">"
+            f"{_e(st['study_uid'])}</a></td>"
             f"<td class=\"state-{_e(st['state'])}\">{_e(st['state'])}</td>"
             f"<td>{st['instances']}</td><td>{_e((st['received_at'] or '')[:19])}</td>"
             f"<td>{_prob(pred.get('probability'))}</td><td>{call_html}</td>"
@@ -177,14 +161,13 @@ def render_page(data: PageData) -> str:
     model_rows = []
     for m in data.models:
         ev = m["last_evaluation"] or {}
-        plots = "".join(f'<img class="report" alt="evaluation plot" src="{_e(u)}">'
-                        for u in data.model_plots.get(m["version"], []))
+        anchor = "/models#model-" + quote(m["version"], safe="")
         model_rows.append(
             f"<tr><td>{_e(m['version'])}</td><td>{_e(m['stage'])}</td>"
             f"<td>{_e(m['architecture'])}</td><td>{m['threshold']:.3f}</td>"
             f"<td>{_prob(ev.get('auc'))}</td><td>{_prob(ev.get('sensitivity'))}</td>"
             f"<td>{_prob(ev.get('specificity'))}</td><td>{_e(ev.get('n_images', '–'))}</td>"
-            f"<td>{plots or '<span class=muted>–</span>'}</td>"
+            f"<td><a href=\"{_e(anchor)}\">report and plots</a></td>"
             f"<td class=\"why\">{_e(m['not_promoted_reason'] or '')}"
             + (f"approved by {_e(m['approved_by'])} at {_e(m['approved_at'])}"
                if m["approved_by"] else "") + "</td></tr>"
@@ -202,7 +185,8 @@ def render_page(data: PageData) -> str:
 <div class="banner">{_e(NOT_FOR_DIAGNOSIS)}</div>
 <div class="summary">{counts}<span>{prod_text}</span></div>
 {f'<h2>Failed deliveries</h2><ul>{failed}</ul>' if failed else ''}
-<h2>Recent studies</h2>
+<h2>Studies</h2>
+{render_list_controls(data.query, len(data.status["studies"]), data.total)}
 <table id="studies"><thead><tr><th>Study UID</th><th>State</th><th>Images</th>
 <th>Received (UTC)</th><th>Probability</th><th>Call</th><th>Model</th><th>Heatmap</th>
 <th>Delivery</th><th>Reason</th></tr></thead>
@@ -210,9 +194,10 @@ def render_page(data: PageData) -> str:
 {studies_html}
 </tbody></table>
 <h2>Models</h2>
+<p><a href="/models">Models, HTML reports and evaluation plots →</a></p>
 <table id="models"><thead><tr><th>Version</th><th>Stage</th><th>Architecture</th>
 <th>Threshold</th><th>AUC</th><th>Sensitivity</th><th>Specificity</th><th>n</th>
-<th>Evaluation plots</th><th>Why not in production</th></tr></thead>
+<th>Evaluation</th><th>Why not in production</th></tr></thead>
 <tbody>
 {models_html}
 </tbody></table>
@@ -265,8 +250,20 @@ class _Handler(BaseHTTPRequestHandler):
             return self._unauthorised()
         try:
             if path in ("/", "/index.html"):
-                page = render_page(load_page_data(app.db, app.settings))
+                try:
+                    query = ListQuery.parse(parse_qs(urlsplit(self.path).query))
+                except BadQueryError as exc:
+                    return self._send(HTTPStatus.BAD_REQUEST, f"{exc}\n".encode(),
+                                      "text/plain")
+                page = render_page(load_page_data(app.db, app.settings, query))
                 self._send(HTTPStatus.OK, page.encode(), "text/html; charset=utf-8")
+            elif path.startswith("/study/"):
+                self._study(path[len("/study/"):])
+            elif path == "/models":
+                page = render_models(load_models(app.db, app.settings), NOT_FOR_DIAGNOSIS)
+                self._send(HTTPStatus.OK, page.encode(), "text/html; charset=utf-8")
+            elif path.startswith("/overlay/") and path.endswith(".png"):
+                self._overlay(path[len("/overlay/"):-len(".png")])
             elif path == "/api/status":
                 from worker.status import collect_status
 
@@ -280,7 +277,13 @@ class _Handler(BaseHTTPRequestHandler):
             elif path == "/healthz":
                 from worker.health import check_health
 
-                report = check_health(app.settings, app.db)
+                params = parse_qs(urlsplit(self.path).query)
+                only = [c for v in params.get("check", []) for c in v.split(",") if c]
+                try:
+                    report = check_health(app.settings, app.db, only=only or None)
+                except ValueError as exc:
+                    return self._send(HTTPStatus.BAD_REQUEST, f"{exc}\n".encode(),
+                                      "text/plain")
                 status = HTTPStatus.OK if report.ok else HTTPStatus.SERVICE_UNAVAILABLE
                 self._send(status, json.dumps(report.as_dict()).encode(), "application/json")
             elif path.startswith("/heatmap/") and path.endswith(".png"):
@@ -311,13 +314,33 @@ class _Handler(BaseHTTPRequestHandler):
             return self._not_found("heatmap")
         self._send(HTTPStatus.OK, render_heatmap_png(Path(stored)), "image/png")
 
+    def _study(self, study_uid: str) -> None:
+        if not study_uid or len(study_uid) > 64 or not all(c.isdigit() or c == "." for c in
+                                                            study_uid):
+            return self._not_found("study")
+        view = load_study(self.server.db, self.server.settings, study_uid)
+        if view is None:
+            return self._not_found("study")
+        page = render_study(view, NOT_FOR_DIAGNOSIS)
+        self._send(HTTPStatus.OK, page.encode(), "text/html; charset=utf-8")
+
+    def _overlay(self, ident: str) -> None:
+        query = parse_qs(urlsplit(self.path).query)
+        px = (query.get("px") or [str(OVERLAY_PX)])[-1]
+        if not ident.isdigit() or not px.isdigit() or not 32 <= int(px) <= MAX_OVERLAY_PX:
+            return self._not_found("overlay")
+        png = render_overlay_png(self.server.db, self.server.settings, int(ident), int(px))
+        if png is None:
+            return self._not_found("overlay")
+        self._send(HTTPStatus.OK, png, "image/png")
+
     def _report(self, rel: str) -> None:
         root = self.server.settings.reports_dir.resolve()
         target = (root / rel).resolve()
-        if not target.is_relative_to(root) or target.suffix.lower() != ".png" \
-                or not target.is_file():
+        ctype = REPORT_TYPES.get(target.suffix.lower())
+        if not target.is_relative_to(root) or ctype is None or not target.is_file():
             return self._not_found("report")
-        self._send(HTTPStatus.OK, target.read_bytes(), "image/png")
+        self._send(HTTPStatus.OK, target.read_bytes(), ctype)
 
     def _static(self, name: str) -> None:
         target = (STATIC_DIR / name).resolve()
@@ -335,7 +358,7 @@ class WebServer(ThreadingHTTPServer):
     def __init__(self, settings: Settings, host: str, port: int) -> None:
         from prometheus_client import CollectorRegistry
 
-        from worker.metrics import DatabaseCollector
+        from worker.metrics import BrokerCollector, DatabaseCollector
 
         web_security.check_bind(host, settings)
         self.settings = settings
@@ -343,6 +366,7 @@ class WebServer(ThreadingHTTPServer):
         # The database gauges, scraped here once per installation (README, "Monitoring").
         self.registry = CollectorRegistry()
         self.registry.register(DatabaseCollector(self.db))
+        self.registry.register(BrokerCollector(settings))
         super().__init__((host, port), _Handler)
 
     @property

@@ -1,0 +1,416 @@
+"""The radiologists' pages of the web console: one study, the study list's filter and
+paging, the models with their reports, and the heatmap drawn over the radiograph.
+
+Read-only.  Every value shown is escaped; every file served is found through a database
+row and must lie under its own folder of the data dir (spool, heatmaps, reports), never a
+path taken from a request.  Patient names and IDs are never shown; the accession number
+is, since it is how a radiologist finds the study in the PACS.
+
+Routes (wired in :mod:`worker.web`):
+
+- ``/study/<study uid>``: :func:`load_study` + :func:`render_study`;
+- ``/overlay/<prediction id>.png[?px=N]``: :func:`render_overlay_png`, the heatmap over
+  the radiograph as in the Secondary Capture (same blend, :func:`dicom_node.burnin.overlay`);
+- ``/models``: :func:`load_models` + :func:`render_models`;
+- ``/?state=S&page=N``: :class:`ListQuery` (the list itself stays in :mod:`worker.web`).
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from db.models import StudyState
+from db.session import Database
+from db.settings import Settings
+
+PAGE_SIZE = 50
+OVERLAY_PX = 768  # long side of the overlay on the study page
+THUMB_PX = 192
+MAX_OVERLAY_PX = 1024
+
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _prob(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _call(positive: bool | None) -> str:
+    if positive is None:
+        return "–"
+    return ('<span class="call-positive">POSITIVE</span>' if positive
+            else '<span class="call-negative">negative</span>')
+
+
+def under(path: str | Path | None, root: Path) -> Path | None:
+    """``path`` resolved, when it is an existing file under ``root``; else None."""
+    if not path:
+        return None
+    resolved = Path(path).resolve()
+    if not resolved.is_relative_to(root.resolve()) or not resolved.is_file():
+        return None
+    return resolved
+
+
+# ----- the list's filter and paging ---------------------------------------------------------
+
+
+class BadQueryError(ValueError):
+    """A request parameter out of range: the caller's fault (HTTP 400)."""
+
+
+@dataclass(frozen=True)
+class ListQuery:
+    state: str | None = None
+    page: int = 1
+    page_size: int = PAGE_SIZE
+
+    @classmethod
+    def parse(cls, query: dict[str, list[str]]) -> ListQuery:
+        state = (query.get("state") or [""])[-1] or None
+        if state is not None and state not in {s.value for s in StudyState}:
+            raise BadQueryError(f"unknown state {state!r}")
+        raw_page = (query.get("page") or ["1"])[-1]
+        if not raw_page.isdigit() or not 1 <= int(raw_page) <= 100_000:
+            raise BadQueryError(f"page {raw_page!r} must be a whole number from 1")
+        return cls(state, int(raw_page))
+
+    @property
+    def offset(self) -> int:
+        return (self.page - 1) * self.page_size
+
+    def url(self, **changes: Any) -> str:
+        values = {"state": self.state, "page": self.page, **changes}
+        params = {k: v for k, v in values.items() if v and not (k == "page" and v == 1)}
+        return "/" + (f"?{urlencode(params)}" if params else "")
+
+
+def render_list_controls(query: ListQuery, shown: int, total: int) -> str:
+    """State filter links and previous/next links for the study list."""
+    states = [("all", None), *((s.value, s.value) for s in StudyState)]
+    links = " ".join(
+        f'<a class="filter{" active" if query.state == value else ""}" '
+        f'href="{_e(query.url(state=value, page=1))}">{_e(name)}</a>'
+        for name, value in states)
+    first = query.offset + 1 if shown else 0
+    nav = [f'<span class="muted">{first}–{query.offset + shown} of {total}</span>']
+    if query.page > 1:
+        nav.insert(0, f'<a rel="prev" href="{_e(query.url(page=query.page - 1))}">'
+                      "← newer</a>")
+    if query.offset + shown < total:
+        nav.append(f'<a rel="next" href="{_e(query.url(page=query.page + 1))}">older →</a>')
+    return (f'<nav class="filters">State: {links}</nav>'
+            f'<nav class="pages">{" ".join(nav)}</nav>')
+
+
+def count_studies(db: Database, state: str | None) -> int:
+    from sqlalchemy import func, select
+
+    from db.models import Study
+
+    stmt = select(func.count()).select_from(Study)
+    if state:
+        stmt = stmt.where(Study.state == state)
+    with db.session() as s:
+        return int(s.scalar(stmt) or 0)
+
+
+# ----- one study ------------------------------------------------------------------------------
+
+
+@dataclass
+class StudyImage:
+    sop_instance_uid: str
+    modality: str | None
+    view_position: str | None
+    prediction_id: int | None = None
+    scored: bool = False
+    probability: float | None = None
+    skip_reason: str | None = None
+    has_heatmap: bool = False
+    has_radiograph: bool = False
+
+
+@dataclass
+class StudyView:
+    study_uid: str
+    accession_number: str | None
+    state: str
+    reason: str | None
+    received_at: str | None
+    analysis: dict[str, Any] | None
+    images: list[StudyImage] = field(default_factory=list)
+    deliveries: list[dict[str, Any]] = field(default_factory=list)
+    viewer_url: str | None = None
+
+
+def viewer_url(template: str, study_uid: str, accession_number: str | None) -> str | None:
+    """The PACS viewer link from ``settings.viewer_url_template`` (validated at load), its
+    placeholders filled URL-encoded."""
+    if not template:
+        return None
+    values = {"study_uid": quote(study_uid, safe=""),
+              "accession_number": quote(accession_number or "", safe="")}
+    return string.Formatter().vformat(template, (), values)
+
+
+def load_study(db: Database, settings: Settings, study_uid: str) -> StudyView | None:
+    from sqlalchemy import select
+
+    from db.models import Delivery, Instance, Prediction, Study, as_utc
+    from worker.status import _latest_analyses, delivery_dict, prediction_dict
+
+    with db.session() as s:
+        study = s.scalars(select(Study).where(Study.study_uid == study_uid)).first()
+        if study is None:
+            return None
+        analysis = _latest_analyses(s, [study.id]).get(study.id)
+        preds = {p.instance_id: p for p in s.scalars(
+            select(Prediction).where(Prediction.analysis_id == analysis.id))} \
+            if analysis is not None else {}
+        images = []
+        for inst in s.scalars(select(Instance).where(Instance.study_id == study.id)
+                              .order_by(Instance.id)):
+            p = preds.get(inst.id)
+            images.append(StudyImage(
+                inst.sop_instance_uid, inst.modality, inst.view_position,
+                prediction_id=p.id if p is not None else None,
+                scored=bool(p is not None and p.scored),
+                probability=p.probability if p is not None else None,
+                skip_reason=(p.skip_reason if p is not None else
+                             "not analysed" if analysis is not None else None),
+                has_heatmap=under(p.heatmap_path if p else None, settings.heatmaps_dir)
+                is not None,
+                has_radiograph=under(inst.path, settings.spool_dir) is not None,
+            ))
+        deliveries = [delivery_dict(d) for d in s.scalars(
+            select(Delivery).where(Delivery.study_id == study.id).order_by(Delivery.id))]
+        received = as_utc(study.received_at)
+        return StudyView(
+            study.study_uid, study.accession_number, study.state, study.reason,
+            received.isoformat() if received else None, prediction_dict(analysis),
+            images, deliveries,
+            viewer_url(settings.viewer_url_template, study.study_uid,
+                       study.accession_number))
+
+
+def render_study(view: StudyView, banner: str) -> str:
+    a = view.analysis or {}
+    threshold = a.get("threshold")
+    figures = []
+    for img in view.images:
+        if img.prediction_id is not None and img.has_heatmap:
+            caption_note = ("" if img.has_radiograph else
+                            '<br><span class="muted">radiograph no longer in the spool: '
+                            "heatmap alone</span>")
+            picture = (f'<img class="overlay" alt="heatmap over radiograph '
+                       f'{_e(img.sop_instance_uid)}" src="/overlay/{img.prediction_id}.png">'
+                       f"{caption_note}")
+        else:
+            picture = '<div class="no-image">no heatmap</div>'
+        if img.scored:
+            called = None if img.probability is None or threshold is None \
+                else img.probability >= threshold
+            verdict = f"probability <b>{_prob(img.probability)}</b> · {_call(called)}"
+        else:
+            verdict = f'<span class="skip">skipped: {_e(img.skip_reason or "–")}</span>'
+        figures.append(
+            f'<figure class="image">{picture}<figcaption>'
+            f'<span class="uid">{_e(img.sop_instance_uid)}</span><br>'
+            f"{_e(img.modality or '?')} {_e(img.view_position or '')} · {verdict}"
+            f"</figcaption></figure>")
+    deliveries = "".join(
+        f"<tr><td>{_e(d['kind'].upper())}</td><td>{_e(d['destination'])}</td>"
+        f"<td class=\"state-{_e(d['state'])}\">{_e(d['state'])}</td><td>{d['attempts']}</td>"
+        f"<td>{_e((d['delivered_at'] or '')[:19])}</td><td>{_e(d['reason'] or '')}</td></tr>"
+        for d in view.deliveries) or '<tr><td colspan="6">No results sent yet.</td></tr>'
+    skips = [img for img in view.images if not img.scored and img.skip_reason]
+    skip_html = "".join(f"<li><span class=\"uid\">{_e(i.sop_instance_uid)}</span>: "
+                        f"{_e(i.skip_reason)}</li>" for i in skips)
+    viewer = (f'<a class="viewer" href="{_e(view.viewer_url)}" target="_blank" '
+              f'rel="noopener">Open in the PACS viewer</a>' if view.viewer_url else
+              '<span class="muted">no PACS viewer link configured '
+              "(viewer_url_template)</span>")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>Study {_e(view.accession_number or view.study_uid)} · cxr-triage</title>
+<link rel="stylesheet" href="/static/style.css"></head>
+<body>
+<p><a href="/">← all studies</a></p>
+<h1>Accession {_e(view.accession_number or "–")}</h1>
+<div class="banner">{_e(banner)}</div>
+<dl class="facts">
+<dt>Study UID</dt><dd class="uid">{_e(view.study_uid)}</dd>
+<dt>State</dt><dd class="state-{_e(view.state)}">{_e(view.state)}{
+    f' <span class="muted">({_e(view.reason)})</span>' if view.reason else ''}</dd>
+<dt>Received (UTC)</dt><dd>{_e((view.received_at or '')[:19])}</dd>
+<dt>Probability</dt><dd id="probability">{_prob(a.get("probability"))}</dd>
+<dt>Call</dt><dd id="call">{_call(a.get("positive"))}</dd>
+<dt>Threshold</dt><dd id="threshold">{_prob(threshold)}</dd>
+<dt>Model</dt><dd id="model">{_e(a.get("model_version") or "–")}{
+    f' ({_e(a.get("heatmap_method"))})' if a.get("heatmap_method") else ''}</dd>
+<dt>Viewer</dt><dd>{viewer}</dd>
+</dl>
+<h2>Images</h2>
+<div class="images">{"".join(figures) or '<p>No images received.</p>'}</div>
+<h2>Skipped images</h2>
+{f'<ul id="skips">{skip_html}</ul>' if skip_html else '<p class="muted">None.</p>'}
+<h2>Delivery history</h2>
+<table id="deliveries"><thead><tr><th>Object</th><th>Destination</th><th>State</th>
+<th>Attempts</th><th>Delivered (UTC)</th><th>Reason</th></tr></thead>
+<tbody>{deliveries}</tbody></table>
+<footer>Read-only view.</footer>
+</body></html>
+"""
+
+
+def render_overlay_png(db: Database, settings: Settings, prediction_id: int,
+                       px: int = OVERLAY_PX) -> bytes | None:
+    """The heatmap blended over its radiograph exactly as the SC does, as PNG; the heatmap
+    alone (coloured the same way) when the radiograph has left the spool; None when the
+    prediction or its heatmap is unknown."""
+    import numpy as np
+    from PIL import Image
+
+    from db.models import Instance, Prediction
+    from dicom_node.burnin import colorize, overlay, target_size
+    from dicom_node.pixels import load_image_file
+    from trainer.heatmaps import read_heatmap
+
+    with db.session() as s:
+        pred = s.get(Prediction, prediction_id)
+        if pred is None:
+            return None
+        inst = s.get(Instance, pred.instance_id)
+        heat_path = under(pred.heatmap_path, settings.heatmaps_dir)
+        source = under(inst.path if inst is not None else None, settings.spool_dir)
+    if heat_path is None:
+        return None
+    heat = np.clip(np.nan_to_num(np.squeeze(read_heatmap(heat_path))), 0.0, 1.0)
+    if source is not None:
+        rgb = overlay(load_image_file(source), heat, max_side=px)
+    else:
+        h, w = target_size(heat.shape[0], heat.shape[1], max_side=px)
+        img = Image.fromarray(colorize(heat)).resize((w, h), Image.Resampling.BILINEAR)
+        rgb = np.asarray(img)
+    buf = io.BytesIO()
+    Image.fromarray(rgb, mode="RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ----- models --------------------------------------------------------------------------------
+
+
+def report_pngs(report_path: str | None, reports_dir: Path) -> list[Path]:
+    """The PNG plots belonging to a report: the file itself, the PNGs in a report folder,
+    or the PNGs beside a non-image report file.  Only paths under ``reports_dir``."""
+    if not report_path:
+        return []
+    p = Path(report_path)
+    if p.is_dir():
+        found = sorted(p.glob("*.png"))
+    elif p.suffix.lower() == ".png":
+        found = [p] if p.is_file() else []
+    elif p.exists():
+        found = sorted(p.parent.glob("*.png"))
+    else:
+        found = []
+    root = reports_dir.resolve()
+    return [f for f in found if f.resolve().is_relative_to(root)]
+
+
+@dataclass
+class ModelReports:
+    model: dict[str, Any]
+    reports: list[str]  # URLs of HTML reports
+    plots: list[str]  # URLs of PNG plots
+
+
+def _report_url(path: Path, root: Path) -> str:
+    return "/reports/" + quote(path.resolve().relative_to(root.resolve()).as_posix())
+
+
+def load_models(db: Database, settings: Settings) -> list[ModelReports]:
+    from sqlalchemy import select
+
+    from db.models import Evaluation, ModelVersion, RetrainRun
+    from worker.status import list_models
+
+    root = settings.reports_dir
+    with db.session() as s:
+        models = list_models(s)
+        rows = s.execute(
+            select(ModelVersion.version, Evaluation.report_path)
+            .join(Evaluation, Evaluation.model_version_id == ModelVersion.id)
+            .order_by(Evaluation.id)).all()
+        runs = s.execute(select(RetrainRun.challenger_version, RetrainRun.report_path)
+                         .where(RetrainRun.report_path.is_not(None))).all()
+    out = {m["version"]: ModelReports(m, [], []) for m in models}
+    for version, report in [*rows, *runs]:
+        entry = out.get(version or "")
+        if entry is None or not report:
+            continue
+        index = under(report, root)
+        if index is not None and index.suffix.lower() == ".html":
+            url = _report_url(index, root)
+            if url not in entry.reports:
+                entry.reports.append(url)
+        for png in report_pngs(report, root):
+            url = _report_url(png, root)
+            if url not in entry.plots:
+                entry.plots.append(url)
+    return list(out.values())
+
+
+def render_models(models: list[ModelReports], banner: str) -> str:
+    rows, sections = [], []
+    for entry in models:
+        m = entry.model
+        ev = m["last_evaluation"] or {}
+        anchor = "model-" + quote(m["version"], safe="")
+        links = " ".join(f'<a class="report-link" href="{_e(u)}">report {i + 1}</a>'
+                         for i, u in enumerate(entry.reports)) or '<span class="muted">–</span>'
+        rows.append(
+            f"<tr><td><a href=\"#{_e(anchor)}\">{_e(m['version'])}</a></td>"
+            f"<td>{_e(m['stage'])}</td><td>{_e(m['architecture'])}</td>"
+            f"<td>{m['threshold']:.3f}</td><td>{_prob(ev.get('auc'))}</td>"
+            f"<td>{_prob(ev.get('sensitivity'))}</td><td>{_prob(ev.get('specificity'))}</td>"
+            f"<td>{_e(ev.get('n_images', '–'))}</td><td>{links}</td></tr>")
+        plots = "".join(f'<a href="{_e(u)}"><img class="plot" alt="evaluation plot" '
+                        f'src="{_e(u)}"></a>' for u in entry.plots)
+        sections.append(
+            f'<section id="{_e(anchor)}"><h2>{_e(m["version"])}</h2>'
+            f"<p>{links}</p>"
+            + (f'<div class="plot-grid">{plots}</div>' if plots
+               else '<p class="muted">No plots.</p>') + "</section>")
+    table = "\n".join(rows) or '<tr><td colspan="9">No models registered.</td></tr>'
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>Models · cxr-triage</title><link rel="stylesheet" href="/static/style.css"></head>
+<body>
+<p><a href="/">← studies</a></p>
+<h1>Models</h1>
+<div class="banner">{_e(banner)}</div>
+<table id="models"><thead><tr><th>Version</th><th>Stage</th><th>Architecture</th>
+<th>Threshold</th><th>AUC</th><th>Sensitivity</th><th>Specificity</th><th>n</th>
+<th>HTML report</th></tr></thead>
+<tbody>
+{table}
+</tbody></table>
+{"".join(sections)}
+<footer>Read-only view.</footer>
+</body></html>
+"""
+
+
+__all__ = ["PAGE_SIZE", "BadQueryError", "ListQuery", "ModelReports", "StudyImage",
+           "StudyView", "count_studies", "load_models", "load_study", "render_list_controls",
+           "render_models", "render_overlay_png", "render_study", "under", "viewer_url"]
