@@ -44,9 +44,11 @@ ODD_IDS = ["%C2%B2", "99999999999999999999999999999999999999", "9223372036854775
 
 @pytest.mark.parametrize("ident", ODD_IDS)
 def test_odd_heatmap_ids_are_404_not_500(served: WebServer, ident: str) -> None:
-    status, headers, _ = _get(served, f"/heatmap/{ident}.png")
-    assert status == 404
-    assert headers["X-Content-Type-Options"] == "nosniff"
+    for path in (f"/heatmap/{ident}.png", f"/overlay/{ident}.png", f"/overlay/1.png?px={ident}",
+                 f"/study/{ident}", f"/study/1.2.{ident}"):
+        status, headers, _ = _get(served, path)
+        assert status == 404, path
+        assert headers["X-Content-Type-Options"] == "nosniff"
 
 
 def test_parse_id_accepts_only_ascii_digits_of_a_64_bit_id() -> None:

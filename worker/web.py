@@ -27,6 +27,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from db.session import Database
 from db.settings import Settings
+from db.uids import is_valid_uid
 from worker import web_security
 from worker.web_study import (
     MAX_OVERLAY_PX,
@@ -315,8 +316,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(HTTPStatus.OK, render_heatmap_png(Path(stored)), "image/png")
 
     def _study(self, study_uid: str) -> None:
-        if not study_uid or len(study_uid) > 64 or not all(c.isdigit() or c == "." for c in
-                                                            study_uid):
+        if not is_valid_uid(study_uid):
             return self._not_found("study")
         view = load_study(self.server.db, self.server.settings, study_uid)
         if view is None:
@@ -327,9 +327,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _overlay(self, ident: str) -> None:
         query = parse_qs(urlsplit(self.path).query)
         px = (query.get("px") or [str(OVERLAY_PX)])[-1]
-        if not ident.isdigit() or not px.isdigit() or not 32 <= int(px) <= MAX_OVERLAY_PX:
+        pred_id, size = web_security.parse_id(ident), web_security.parse_id(px)
+        if pred_id is None or size is None or not 32 <= size <= MAX_OVERLAY_PX:
             return self._not_found("overlay")
-        png = render_overlay_png(self.server.db, self.server.settings, int(ident), int(px))
+        png = render_overlay_png(self.server.db, self.server.settings, pred_id, size)
         if png is None:
             return self._not_found("overlay")
         self._send(HTTPStatus.OK, png, "image/png")
