@@ -103,6 +103,9 @@ class Settings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
+    # Listener scaling (issue 15): processes accepting on one port (SO_REUSEPORT) under one
+    # supervisor; 1 runs the listener in a single process without a supervisor.
+    listener_processes: int = 1
 
     # Scheduling and Celery
     inference_queue: str = "inference"
@@ -292,6 +295,8 @@ def _validate(s: Settings) -> None:
         raise SettingsError(f"heatmap_method {s.heatmap_method!r} must be gradcam or occlusion")
     if s.max_associations < 1:
         raise SettingsError("max_associations must be at least 1")
+    if not 1 <= s.listener_processes <= 64:
+        raise SettingsError("listener_processes must be between 1 and 64")
     if not 0.0 < s.target_sensitivity < 1.0:
         raise SettingsError("target_sensitivity must lie strictly between 0 and 1")
     if s.train_contrast not in ("none", "clahe", "equalize"):

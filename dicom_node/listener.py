@@ -41,6 +41,7 @@ from db.settings import Settings
 from dicom_node import ingest, metrics, spool
 from dicom_node.errors import TransientError
 from dicom_node.publisher import CeleryPublisher, Publisher
+from dicom_node.reuseport import start_reuseport_server
 from dicom_node.stability import StabilityLoop
 
 log = logging.getLogger(__name__)
@@ -295,26 +296,33 @@ def start_node(
     db: Database | None = None,
     publisher: Publisher | None = None,
     run_stability: bool = True,
+    supervised: bool = False,
 ) -> NodeHandle:
     """Start the listener in this process (non-blocking) and, optionally, the stability loop.
 
     Port 0 picks a free port (see ``NodeHandle.port``).  Half-written files of a previous
-    run are removed before the first association is accepted.
+    run are removed before the first association is accepted.  ``supervised``: one of
+    several processes of :mod:`dicom_node.supervisor` (the port is shared with
+    ``SO_REUSEPORT``; the supervisor cleans the spool, since siblings are writing).
     """
     settings.ensure_dirs()
     owns_db = db is None
-    database = db or Database(settings)
-    removed = spool.remove_stale_temp_files(settings.spool_dir)
-    if removed:
-        log.warning("removed %d half-written spool files from a previous run", len(removed))
+    database = db or Database(settings, migrate=not supervised)
+    if not supervised:
+        removed = spool.remove_stale_temp_files(settings.spool_dir)
+        if removed:
+            log.warning("removed %d half-written spool files from a previous run",
+                        len(removed))
     service = StoreService(settings, database)
     ae = build_ae(settings)
-    server = ae.start_server(
-        (settings.bind_address, settings.port),
-        block=False,
-        evt_handlers=service.handlers(),
-        ssl_context=make_ssl_context(settings),
-    )
+    address = (settings.bind_address, settings.port)
+    server: ThreadedAssociationServer | None
+    if supervised:
+        server = start_reuseport_server(ae, address, service.handlers(),
+                                        make_ssl_context(settings))
+    else:
+        server = ae.start_server(address, block=False, evt_handlers=service.handlers(),
+                                 ssl_context=make_ssl_context(settings))
     if server is None:  # only None when block=True
         raise RuntimeError("pynetdicom did not return a server")
     loop: StabilityLoop | None = None
