@@ -38,7 +38,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from db.session import Database
 from db.settings import Settings
-from dicom_node import ingest, metrics, spool
+from dicom_node import ingest, metrics, reactor, spool
 from dicom_node.errors import TransientError
 from dicom_node.publisher import CeleryPublisher, Publisher
 from dicom_node.reuseport import start_reuseport_server
@@ -122,6 +122,7 @@ class StoreService:
         self.settings = settings
         self.db = db
         self._stats: dict[int, _AssocStats] = {}
+        self._wakeups: dict[int, reactor.Wakeup] = {}
         self._lock = threading.Lock()
 
     # ----- association events -------------------------------------------------------
@@ -143,6 +144,10 @@ class StoreService:
         # pynetdicom reads a PDU in 4 KiB recv() calls appended to a bytearray; reading
         # straight into one buffer of the PDU's size halves the receive cost of large images.
         assoc_socket.recv = _recv_exactly(assoc_socket)  # type: ignore[union-attr,method-assign]
+        # pynetdicom's reactors poll every millisecond; make them wait instead.
+        wakeup = reactor.quiet_reactors(event.assoc)
+        with self._lock:
+            self._wakeups[id(event.assoc)] = wakeup
 
     def on_accepted(self, event: Event) -> None:
         stats = _AssocStats(calling_ae=event.assoc.requestor.ae_title.strip(),
@@ -185,6 +190,10 @@ class StoreService:
     def on_conn_close(self, event: Event) -> None:
         # A peer that drops the connection without release or abort still gets its line.
         self._finish(event, "closed")
+        with self._lock:
+            wakeup = self._wakeups.pop(id(event.assoc), None)
+        if wakeup is not None:
+            wakeup.close()
 
     def _count(self, event: Event, attr: str) -> None:
         with self._lock:
