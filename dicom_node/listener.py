@@ -40,6 +40,7 @@ from db.session import Database
 from db.settings import Settings
 from dicom_node import ingest, metrics, reactor, spool
 from dicom_node.errors import TransientError
+from dicom_node.group_commit import GroupCommitter
 from dicom_node.publisher import CeleryPublisher, Publisher
 from dicom_node.reuseport import start_reuseport_server
 from dicom_node.stability import StabilityLoop
@@ -124,6 +125,8 @@ class StoreService:
         self._stats: dict[int, _AssocStats] = {}
         self._wakeups: dict[int, reactor.Wakeup] = {}
         self._lock = threading.Lock()
+        # Concurrent stores share one commit and one directory fsync (group commit).
+        self.committer = GroupCommitter(db)
 
     # ----- association events -------------------------------------------------------
     @staticmethod
@@ -215,7 +218,7 @@ class StoreService:
             preamble = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
             outcome = ingest.ingest(
                 self.db, self.settings.spool_dir, header, (preamble, dataset_buffer),
-                calling_ae, self.settings.min_free_mb,
+                calling_ae, self.settings.min_free_mb, recorder=self.committer.record,
             )
         except ingest.UnreadableDatasetError as exc:
             self._count(event, "failed")
@@ -292,6 +295,7 @@ class NodeHandle:
             self.stability.stop()
         self.server.shutdown()
         self.ae.shutdown()
+        self.service.committer.stop()
         if self.publisher is not None:
             self.publisher.close()
         if self.owns_db:

@@ -80,8 +80,9 @@ class StagedFile:
     #: (another listener process sharing the spool, or an unrecorded leftover of a crash).
     created_final: bool = False
 
-    def publish(self) -> None:
-        """Move into place and fsync the directory: from here the file survives a crash.
+    def publish(self, sync_dir: bool = True) -> None:
+        """Move into place and fsync the directory: from here the file survives a crash
+        (``sync_dir=False``: the caller fsyncs the directory, once for several files).
 
         ``final`` is created with a hard link where it is absent, so we know whether the
         file there is ours: a failed ingest removes only a file it created, never one that
@@ -93,7 +94,8 @@ class StagedFile:
                 os.unlink(self.temp)
             except FileExistsError:
                 os.replace(self.temp, self.final)
-            fsync_dir(self.final.parent)
+            if sync_dir:
+                fsync_dir(self.final.parent)
         except OSError as exc:
             self.discard()
             raise SpoolWriteError(f"cannot publish {self.final.name}: {exc}") from exc
