@@ -156,7 +156,7 @@ def _tree_cpu(pids: Sequence[int]) -> float:
 
 @contextmanager
 def node_target(workdir: Path, database_url: str | None = None,
-                processes: int | None = None) -> Iterator[Target]:
+                processes: int | None = None, root: Path = ROOT) -> Iterator[Target]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
     if processes is not None:
@@ -166,7 +166,8 @@ def node_target(workdir: Path, database_url: str | None = None,
            "--no-stability", "--log-level", "WARNING", "--allowed-callers", "STORESCU"]
     if database_url is not None:
         cmd += ["--database-url", database_url]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+    env["PYTHONPATH"] = str(root)
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL)
     try:
         _wait_port(port, proc, "node")
         yield Target(port, [proc.pid])
@@ -353,9 +354,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="best of N runs per cell")
     parser.add_argument("--senders", default="1,4,8", help="comma-separated sender counts")
     parser.add_argument("--targets", default="node,node-pg,storescp,orthanc",
-                        help="comma-separated subset of node,node-pg,storescp,orthanc")
-    parser.add_argument("--processes", type=int, default=None,
-                        help="CXR_LISTENER_PROCESSES for the node (default: its own)")
+                        help="comma-separated subset of node,node-pg,node-before,"
+                        "storescp,orthanc")
+    parser.add_argument("--processes", type=int, default=min(4, os.cpu_count() or 1),
+                        help="CXR_LISTENER_PROCESSES for node and node-pg (default: the "
+                        "number of cores, at most 4)")
+    parser.add_argument("--before", type=Path, default=None,
+                        help="another checkout of the node (e.g. `git archive` of the base "
+                        "commit), measured as target node-before on SQLite, one process")
     parser.add_argument("--profile", type=Path, default=None,
                         help="record the node with py-spy into this directory")
     parser.add_argument("--no-orthanc", action="store_true")
@@ -367,6 +373,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "storescp": storescp_target,
         "orthanc": orthanc_target,
     }
+    if args.before is not None:
+        available["node-before"] = lambda w, **kw: node_target(w, None, None,
+                                                               args.before.resolve())
     wanted = [t.strip() for t in args.targets.split(",") if t.strip()]
     if args.no_orthanc or not shutil.which("Orthanc"):
         wanted = [t for t in wanted if t != "orthanc"]
