@@ -4,7 +4,6 @@ own row and file are durable, and one failing store does not fail its neighbours
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 from pydicom.uid import generate_uid
@@ -29,8 +28,8 @@ def _header(study_uid: str, sop_uid: str) -> ingest.Header:
 
 def _record_all(committer: GroupCommitter, db: Database, spool_dir: Path,
                 headers: list[ingest.Header]) -> dict[str, ingest.IngestOutcome | BaseException]:
-    """Stage one file per header and record them from one thread each, all queued before
-    the committer starts, so that they form one group."""
+    """Stage one file per header and record them from one thread each, all queued while
+    no group may be committed, so that they form one group."""
     results: dict[str, ingest.IngestOutcome | BaseException] = {}
     lock = threading.Lock()
 
@@ -46,11 +45,11 @@ def _record_all(committer: GroupCommitter, db: Database, spool_dir: Path,
             results[f"{i}:{header.sop_uid}"] = outcome
 
     threads = [threading.Thread(target=one, args=(i, h)) for i, h in enumerate(headers)]
-    for t in threads:
-        t.start()
-    wait_until(lambda: committer.waiting() == len(headers), timeout=30, what="stores queued")
-    time.sleep(0.05)
-    committer.start()
+    with committer.held():
+        for t in threads:
+            t.start()
+        wait_until(lambda: committer.waiting() == len(headers), timeout=30,
+                   what="stores queued")
     for t in threads:
         t.join(60)
     return results
@@ -58,7 +57,7 @@ def _record_all(committer: GroupCommitter, db: Database, spool_dir: Path,
 
 def test_concurrent_stores_share_one_transaction(settings: Settings) -> None:
     db = Database(settings)
-    committer = GroupCommitter(db, start=False)
+    committer = GroupCommitter(db)
     try:
         study = generate_uid()
         headers = [_header(study if i % 2 else generate_uid(), generate_uid()) for i in range(10)]
@@ -80,7 +79,7 @@ def test_concurrent_stores_share_one_transaction(settings: Settings) -> None:
 
 def test_a_duplicate_in_the_same_group_is_stored_once(settings: Settings) -> None:
     db = Database(settings)
-    committer = GroupCommitter(db, start=False)
+    committer = GroupCommitter(db)
     try:
         header = _header(generate_uid(), generate_uid())
         results = _record_all(committer, db, settings.spool_dir, [header, header, header])
@@ -99,7 +98,7 @@ def test_a_duplicate_in_the_same_group_is_stored_once(settings: Settings) -> Non
 
 def test_a_store_that_fails_the_group_does_not_fail_its_neighbours(settings: Settings) -> None:
     db = Database(settings)
-    committer = GroupCommitter(db, start=False)
+    committer = GroupCommitter(db)
     try:
         # Another process recorded this SOP Instance UID under another path and its file is
         # not where ours goes: our insert hits the unique constraint inside the group.
