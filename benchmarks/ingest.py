@@ -167,8 +167,14 @@ def node_target(workdir: Path, database_url: str | None = None,
     if database_url is not None:
         cmd += ["--database-url", database_url]
     env["PYTHONPATH"] = str(root)
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, text=True)
     try:
+        # "LISTENING" comes once every listener process accepts (an open port only says
+        # that the first does; the others' start-up would be timed with the sends).
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("LISTENING"):
+            raise RuntimeError(f"node did not start: {line!r}")
         _wait_port(port, proc, "node")
         yield Target(port, [proc.pid])
     finally:
