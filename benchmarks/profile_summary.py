@@ -12,6 +12,13 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+#: Innermost frames that are waits, not work: py-spy's idle detection misses short sleeps,
+#: selects and lock or server waits, so they are counted apart (pynetdicom's 1 ms sleeps
+#: in its two reactor loops, the listener's select, condition waits, psycopg waiting for
+#: the server).
+WAITS = ("dul.py:403)", "association.py:714)", "reactor.py:69)", "Condition.wait (",
+         "Connection.wait (", "selectors.py", "Event.wait (", "time.sleep")
+
 #: (category, substrings of a frame), innermost match wins.
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("fsync (file, directory)", ("fsync (", "fsync_dir (")),
@@ -27,6 +34,8 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
 
 
 def categorise(stack: list[str]) -> str:
+    if stack and any(w in stack[-1] for w in WAITS):
+        return "waiting (sleep, select, locks, database server)"
     for frame in reversed(stack):
         for name, patterns in CATEGORIES:
             if any(p in frame for p in patterns):

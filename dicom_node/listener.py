@@ -338,6 +338,7 @@ def start_node(
                                  ssl_context=make_ssl_context(settings))
     if server is None:  # only None when block=True
         raise RuntimeError("pynetdicom did not return a server")
+    server.contexts = reactor.ContextList(server.contexts)  # cheap per-association copies
     loop: StabilityLoop | None = None
     if run_stability:
         publisher = publisher or CeleryPublisher(settings)
