@@ -29,7 +29,7 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("socket receive", ("recv (dicom_node/listener.py", "recv_into", "_recv_exactly")),
     ("PDU decode and assembly (pynetdicom)", ("pynetdicom/pdu", "pynetdicom/dimse",
                                               "pynetdicom/dul.py", "pynetdicom/fsm.py")),
-    ("pynetdicom reactor loops (polling) and dispatch", ("pynetdicom/",)),
+    ("pynetdicom association set-up (context deepcopy), dispatch", ("pynetdicom/",)),
 ]
 
 
