@@ -12,6 +12,7 @@ from scipy.ndimage import gaussian_filter
 
 from trainer.near_duplicates import (
     DEFAULT_MAX_DISTANCE,
+    HASH_BITS,
     hamming,
     near_duplicate_groups,
     perceptual_hash,
@@ -36,11 +37,11 @@ def _jpeg(arr: np.ndarray, quality: int = 60) -> Image.Image:
     return Image.open(buffer).convert("L")
 
 
-def test_hash_is_a_64_bit_int_and_deterministic() -> None:
+def test_hash_is_a_256_bit_int_and_deterministic() -> None:
     film = _film(1)
     h = perceptual_hash(film)
     assert isinstance(h, int)
-    assert 0 <= h < 1 << 64
+    assert 0 <= h < 1 << HASH_BITS
     assert perceptual_hash(film) == h
     assert perceptual_hash(Image.fromarray(film)) == h
 
@@ -65,7 +66,7 @@ def test_different_films_are_far_apart() -> None:
 
 def test_inverted_film_is_not_a_duplicate() -> None:
     film = _film(3)
-    assert hamming(perceptual_hash(film), perceptual_hash(255 - film)) > 32
+    assert hamming(perceptual_hash(film), perceptual_hash(255 - film)) > HASH_BITS // 2
 
 
 def test_constant_image_hashes_without_error() -> None:
@@ -85,6 +86,7 @@ def test_hamming_counts_differing_bits() -> None:
     assert hamming(0, 0) == 0
     assert hamming(0b1011, 0b0001) == 2
     assert hamming(0, (1 << 64) - 1) == 64
+    assert hamming(0, (1 << HASH_BITS) - 1) == HASH_BITS
     with pytest.raises(ValueError):
         hamming(-1, 0)
 
@@ -97,9 +99,10 @@ def test_groups_are_connected_components_without_singletons() -> None:
         "d": (1 << 63) | (1 << 62) | 0xFF00,  # far from all
         "e": (1 << 63) | (1 << 62) | 0xFF01,  # 1 from d
         "f": 0xFFFF_FFFF_0000_0000,  # alone
+        "g": (1 << 255) | 0xFFFF_FFFF_0000_0000,  # 1 from f, in the top bit
     }
     groups = near_duplicate_groups(hashes, max_distance=2)
-    assert groups == [{"a", "b", "c"}, {"d", "e"}]
+    assert groups == [{"a", "b", "c"}, {"d", "e"}, {"f", "g"}]
     assert near_duplicate_groups(hashes, max_distance=0) == []
     assert near_duplicate_groups({}) == []
     assert near_duplicate_groups({"only": 5}) == []
@@ -109,7 +112,7 @@ def test_groups_refuse_bad_input() -> None:
     with pytest.raises(ValueError):
         near_duplicate_groups({"a": 1}, max_distance=-1)
     with pytest.raises(ValueError):
-        near_duplicate_groups({"a": 1 << 64, "b": 0})
+        near_duplicate_groups({"a": 1 << HASH_BITS, "b": 0})
 
 
 def test_groups_find_a_recoded_copy_among_films() -> None:
