@@ -10,6 +10,9 @@ Codes used (each from a published terminology):
 - finding: SNOMED CT 840539006 "Disease caused by severe acute respiratory syndrome
   coronavirus 2" (code meaning shortened to its SNOMED synonym "COVID-19", since Code
   Meaning is LO, at most 64 characters);
+- second finding of three-class models: SNOMED CT 233604007 "Pneumonia", the
+  pneumonia pattern P(covid) + P(other pneumonia), in its own study-level group with
+  its own operating point and present/absent evaluation;
 - present / absent: SNOMED CT 52101004 "Present" / 272519000 "Absent" (CID 240/241);
 - probability: DCM 122157 "Probability", unit UCUM "{probability}" (dimensionless);
 - operating threshold: DCM 111071 "CAD Operating Point";
@@ -35,6 +38,7 @@ from dicom_node.results import AnalysisResult, ModelInfo, PredecessorRef
 log = logging.getLogger(__name__)
 
 COVID19 = Code("840539006", "SCT", "COVID-19")
+PNEUMONIA = Code("233604007", "SCT", "Pneumonia")
 PRESENT = Code("52101004", "SCT", "Present")
 ABSENT = Code("272519000", "SCT", "Absent")
 PROBABILITY = Code("122157", "DCM", "Probability")
@@ -47,6 +51,7 @@ SR_SERIES_DESCRIPTION = "AI RESULT - NOT FOR DIAGNOSTIC USE"
 NOT_ANALYSED_SERIES_DESCRIPTION = "AI NOT ANALYSED - NOT FOR DIAGNOSTIC USE"
 STUDY_GROUP_ID = "COVID-19 study classification"
 IMAGE_GROUP_ID = "COVID-19 image classification"
+PNEUMONIA_GROUP_ID = "Pneumonia study classification"
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,9 @@ class SrReadback:
     algorithm_name: str | None
     algorithm_version: str | None
     not_analysed_reason: str | None
+    pneumonia_present: bool | None = None
+    pneumonia_probability: float | None = None
+    pneumonia_threshold: float | None = None
 
 
 def _device_observer(model: ModelInfo) -> hd.sr.ObservationContext:
@@ -146,9 +154,11 @@ def _classification_group(
     probability: float,
     headers: Sequence[Dataset],
     call: bool | None,
+    finding: Code = COVID19,
+    threshold: float | None = None,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """A TID 1501 group: probability, and where ``call`` is given the threshold and the
-    present/absent evaluation."""
+    present/absent evaluation (``threshold`` defaults to the COVID-19 one)."""
     measurements = [
         hd.sr.Measurement(
             name=PROBABILITY, value=float(probability), unit=PROBABILITY_UNIT,
@@ -157,15 +167,16 @@ def _classification_group(
     evaluations = []
     if call is not None:
         measurements.append(
-            hd.sr.Measurement(name=OPERATING_POINT, value=float(model.threshold),
+            hd.sr.Measurement(name=OPERATING_POINT,
+                              value=float(model.threshold if threshold is None else threshold),
                               unit=PROBABILITY_UNIT)
         )
         evaluations.append(hd.sr.QualitativeEvaluation(
-            name=COVID19, value=PRESENT if call else ABSENT,
+            name=finding, value=PRESENT if call else ABSENT,
         ))
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=label),
-        finding_type=COVID19,
+        finding_type=finding,
         algorithm_id=_algorithm(model),
         measurements=measurements,
         qualitative_evaluations=evaluations or None,
@@ -228,6 +239,13 @@ def build_sr(result: AnalysisResult, institution_name: str | None = None) -> Dat
             result.study_probability, headers, call=result.positive,
         )
     ]
+    if result.pneumonia_probability is not None and result.model.pneumonia_threshold is not None:
+        groups.append(_classification_group(
+            identity.uid_from("tracking", sop_uid, "study-pneumonia"), PNEUMONIA_GROUP_ID,
+            result.model, result.pneumonia_probability, headers,
+            call=bool(result.pneumonia_positive), finding=PNEUMONIA,
+            threshold=result.model.pneumonia_threshold,
+        ))
     if len(headers) > 1:
         groups.extend(
             _classification_group(
@@ -321,11 +339,22 @@ def read_result(ds: Dataset) -> SrReadback:
             value = _num(g, PROBABILITY)
             if value is not None:
                 per_image[str(g.source_images[0].referenced_sop_instance_uid)] = value
-    return SrReadback(present, probability, threshold, per_image, name, version, reason)
+    pneumonia = content.get_image_measurement_groups(finding_type=PNEUMONIA)
+    p_present: bool | None = None
+    p_prob = p_thr = None
+    if pneumonia:
+        p_eval = pneumonia[0].get_qualitative_evaluations(name=PNEUMONIA)
+        if p_eval:
+            p_present = p_eval[0].value == PRESENT
+        p_prob = _num(pneumonia[0], PROBABILITY)
+        p_thr = _num(pneumonia[0], OPERATING_POINT)
+    return SrReadback(present, probability, threshold, per_image, name, version, reason,
+                      p_present, p_prob, p_thr)
 
 
 __all__ = [
     "COVID19",
+    "PNEUMONIA",
     "SrReadback",
     "build_not_analysed_sr",
     "build_sr",
