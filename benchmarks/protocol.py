@@ -64,9 +64,9 @@ def read_rows(dataset: Path) -> list[Row]:
 
 
 class TinyUNet(nn.Module):
-    """A three-level U-Net at 128 px: enough for lung fields, trains in minutes on a CPU."""
+    """A three-level U-Net at 96 px: enough for lung fields, trains in minutes on a CPU."""
 
-    def __init__(self, w: int = 12) -> None:
+    def __init__(self, w: int = 8) -> None:
         super().__init__()
 
         def block(i: int, o: int) -> nn.Sequential:
@@ -87,14 +87,14 @@ class TinyUNet(nn.Module):
         return self.out(self.d1(torch.cat([self.up(d), a], 1)))  # type: ignore[no-any-return]
 
 
-SEG = 128
+SEG = 96
 
 
 def _seg_input(img: np.ndarray) -> tuple[np.ndarray, Letterbox]:
     return prepare_image(img, SEG, "clahe")
 
 
-def train_segmenter(dataset: Path, work: Path, epochs: int = 40) -> dict[str, Any]:
+def train_segmenter(dataset: Path, work: Path, epochs: int = 12) -> dict[str, Any]:
     rows = {r.rel: r for r in read_rows(dataset)}
     pairs = []
     with (dataset / "lung_masks.csv").open(newline="", encoding="utf-8") as fh:
@@ -142,7 +142,7 @@ def train_segmenter(dataset: Path, work: Path, epochs: int = 40) -> dict[str, An
             opt.zero_grad()
             loss.backward()
             opt.step()
-        log.info("segmenter epoch %d loss %.4f", ep + 1, float(loss))
+        log.info("segmenter epoch %d loss %.4f", ep + 1, float(loss.detach()))
     net.eval()
     with torch.no_grad():
         pred = (torch.sigmoid(net(x[torch.from_numpy(np.flatnonzero(te))])) > 0.5).float()
@@ -157,7 +157,7 @@ def train_segmenter(dataset: Path, work: Path, epochs: int = 40) -> dict[str, An
 
 
 def lung_masks_predicted(rows: Sequence[Row], work: Path) -> list[np.ndarray]:
-    """Predicted lung mask per image, at 128 px square letterbox, cached."""
+    """Predicted lung mask per image, on the segmenter's square letterbox, cached."""
     cache = work / "predicted_masks.npy"
     if cache.is_file():
         return list(np.load(cache))
@@ -470,16 +470,77 @@ def evaluate(dataset: Path, work: Path, variants: Sequence[str],
     return result
 
 
+def finetune(dataset: Path, work: Path, max_distance: int, protocols: Sequence[str],
+             size: int, views: int, head_epochs: int, epochs: int) -> dict[str, Any]:
+    """The project's own three-class trainer (``trainer.train.train_model``, the default
+    configuration but for the sizes given) through the same folds as the baselines.  Each
+    fold's training patients are split again, by group, into training and validation (for
+    early stopping and the thresholds); the held-out fold is scored by the whole network."""
+    from dataclasses import replace as dc_replace
+
+    from trainer.datasets import folder_records
+    from trainer.evaluate import predict_findings_records
+    from trainer.train import TrainConfig, train_model
+
+    rows = read_rows(dataset)
+    records = {r.key.split("/", 1)[1]: r for r in folder_records(dataset)}
+    recs = [records[r.rel] for r in rows]
+    y3 = np.array([r.y3 for r in rows])
+    g, _ = groups(rows, work, max_distance)
+    splits: list[tuple[str, np.ndarray, np.ndarray]] = []
+    if "grouped_cv" in protocols:
+        splits += [("grouped_cv", np.setdiff1d(np.arange(len(rows)), te), te)
+                   for te in grouped_folds(y3, g)]
+    loso = loso_folds(rows, g)
+    splits += [("leave_source_out", tr, te) for s, (tr, te) in loso.items()
+               if f"lso:{s}" in protocols]
+    cfg = dc_replace(TrainConfig(), input_size=size, views=views, head_epochs=head_epochs,
+                     epochs=epochs, device="cpu")
+    out: dict[str, Any] = {"config": {k: str(v) for k, v in cfg.public().items()}, "folds": []}
+    preds: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    rng = np.random.default_rng(1)
+    for proto, tr, te in splits:
+        t0 = time.perf_counter()
+        ug = np.unique(g[tr])
+        val_groups = set(rng.choice(ug, size=max(1, len(ug) // 5), replace=False).tolist())
+        val_mask = np.isin(g[tr], list(val_groups))
+        result = train_model([recs[i] for i in tr[~val_mask]], [recs[i] for i in tr[val_mask]],
+                             cfg, cache_root=work / "cache")
+        pc, pp = predict_findings_records(result.model, result.meta, [recs[i] for i in te])
+        pc_all, pp_all = preds.setdefault(proto, (np.full(len(rows), np.nan),
+                                                  np.full(len(rows), np.nan)))
+        pc_all[te] = pc
+        if pp is not None:
+            pp_all[te] = pp
+        seconds = time.perf_counter() - t0
+        out["folds"].append({"protocol": proto, "train": int((~val_mask).sum()),
+                             "validation": int(val_mask.sum()), "test": int(len(te)),
+                             "seconds": round(seconds, 1), "timings": result.timings})
+        log.info("finetune %s fold done in %.0fs timings %s", proto, seconds, result.timings)
+        (work / "finetune_partial.json").write_text(json.dumps(out, indent=1, default=str))
+    for proto, (pc_all, pp_all) in preds.items():
+        tested = np.flatnonzero(~np.isnan(pc_all))
+        out[proto] = summarise(rows, tested, pc_all, pp_all)
+        np.save(work / f"finetune_{proto}.npy", np.stack([pc_all, pp_all]))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.protocol", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["features", "segmenter", "evaluate"])
+    p.add_argument("command", choices=["features", "segmenter", "evaluate", "finetune"])
     p.add_argument("--dataset", type=Path, default=Path("../shared/data/cxr"))
     p.add_argument("--work", type=Path, default=Path("/tmp/cxr14"))
     p.add_argument("--variant", default="whole", choices=sorted(SIZES))
     p.add_argument("--variants", nargs="*", default=["whole"])
     p.add_argument("--max-distance", type=int, default=56)
     p.add_argument("--out", type=Path)
+    p.add_argument("--protocols", nargs="*", default=["grouped_cv"],
+                   help="finetune: grouped_cv and/or lso:<source>")
+    p.add_argument("--size", type=int, default=320)
+    p.add_argument("--views", type=int, default=3)
+    p.add_argument("--head-epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=8)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.work.mkdir(parents=True, exist_ok=True)
@@ -488,6 +549,13 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "features":
         compute_features(args.dataset, args.work, args.variant,
                          aug_views=2 if args.variant == "aug" else 0)
+    elif args.command == "finetune":
+        res = finetune(args.dataset, args.work, args.max_distance, args.protocols, args.size,
+                       args.views, args.head_epochs, args.epochs)
+        text = json.dumps(res, indent=1, default=str)
+        if args.out:
+            args.out.write_text(text)
+        print(text)
     else:
         res = evaluate(args.dataset, args.work, args.variants, args.max_distance)
         text = json.dumps(res, indent=1)

@@ -199,6 +199,14 @@ def test_three_class_training_scores_both_findings_and_evaluate_reports_them(
     assert matrix.shape == (3, 3) and matrix.sum() == len(test)
     assert "pneumonia_auc" in figures["per_source"]["synthetic"]
     assert {"auc", "auc_ci", "threshold", "sensitivity", "specificity"} <= set(figures)
+    # the HTML report shows them
+    from trainer.report import ModelScores, write_report
+
+    y = np.array([r.label for r in test])
+    index = write_report(tmp_path / "report", "t", [ModelScores(
+        "challenger", y, scores, [r.source for r in test], loaded.meta.threshold, figures)])
+    page = index.read_text()
+    assert "pneumonia pattern AUC" in page and "call other_pneumonia" in page
     # old 0/1 labels still train: the same folder with label_name dropped
     old = [dataclasses.replace(r, label_name=None) for r in parts[Split.TRAIN]]
     again = train_model(old, parts[Split.VALIDATION], dataclasses.replace(cfg, epochs=0),
