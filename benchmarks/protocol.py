@@ -94,7 +94,7 @@ def _seg_input(img: np.ndarray) -> tuple[np.ndarray, Letterbox]:
     return prepare_image(img, SEG, "clahe")
 
 
-def train_segmenter(dataset: Path, work: Path, epochs: int = 12) -> dict[str, Any]:
+def train_segmenter(dataset: Path, work: Path, epochs: int = 6) -> dict[str, Any]:
     rows = {r.rel: r for r in read_rows(dataset)}
     pairs = []
     with (dataset / "lung_masks.csv").open(newline="", encoding="utf-8") as fh:
@@ -470,6 +470,26 @@ def evaluate(dataset: Path, work: Path, variants: Sequence[str],
     return result
 
 
+def _gradcam_peaks(result: Any, rows: Sequence[Row], masked: dict[str, Path]) -> tuple[int, int]:
+    """(peaks inside the lung mask, images with a mask) for the whole network's Grad-CAM."""
+    from trainer.checkpoint import LoadedModel
+    from trainer.heatmaps import gradcam_batch
+
+    loaded = LoadedModel(model=result.model.eval(), meta=result.meta, sha256="")
+    todo = [r for r in rows if r.rel in masked]
+    inside = 0
+    for s in range(0, len(todo), 16):
+        chunk = todo[s:s + 16]
+        maps = gradcam_batch(loaded, [load_image_file(r.path) for r in chunk], "cpu")
+        for r, cam in zip(chunk, maps, strict=True):
+            mask = cv2.imread(str(masked[r.rel]), cv2.IMREAD_GRAYSCALE) > 127
+            if mask.shape != cam.shape:
+                mask = cv2.resize(mask.astype(np.uint8), cam.shape[::-1],
+                                  interpolation=cv2.INTER_NEAREST) > 0
+            inside += bool(mask[np.unravel_index(int(np.argmax(cam)), cam.shape)])
+    return inside, len(todo)
+
+
 def finetune(dataset: Path, work: Path, max_distance: int, protocols: Sequence[str],
              size: int, views: int, head_epochs: int, epochs: int) -> dict[str, Any]:
     """The project's own three-class trainer (``trainer.train.train_model``, the default
@@ -498,6 +518,8 @@ def finetune(dataset: Path, work: Path, max_distance: int, protocols: Sequence[s
                      epochs=epochs, device="cpu")
     out: dict[str, Any] = {"config": {k: str(v) for k, v in cfg.public().items()}, "folds": []}
     preds: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    cam_in: dict[str, tuple[int, int]] = {}
+    masked = _masked_paths(dataset)
     rng = np.random.default_rng(1)
     for proto, tr, te in splits:
         t0 = time.perf_counter()
@@ -507,6 +529,9 @@ def finetune(dataset: Path, work: Path, max_distance: int, protocols: Sequence[s
         result = train_model([recs[i] for i in tr[~val_mask]], [recs[i] for i in tr[val_mask]],
                              cfg, cache_root=work / "cache")
         pc, pp = predict_findings_records(result.model, result.meta, [recs[i] for i in te])
+        inside, total = _gradcam_peaks(result, [rows[i] for i in te], masked)
+        cam_in[proto] = (cam_in.get(proto, (0, 0))[0] + inside,
+                         cam_in.get(proto, (0, 0))[1] + total)
         pc_all, pp_all = preds.setdefault(proto, (np.full(len(rows), np.nan),
                                                   np.full(len(rows), np.nan)))
         pc_all[te] = pc
@@ -521,6 +546,11 @@ def finetune(dataset: Path, work: Path, max_distance: int, protocols: Sequence[s
     for proto, (pc_all, pp_all) in preds.items():
         tested = np.flatnonzero(~np.isnan(pc_all))
         out[proto] = summarise(rows, tested, pc_all, pp_all)
+        inside, total = cam_in.get(proto, (0, 0))
+        out[proto]["cam_peaks_inside_lungs"] = {"inside": inside, "of": total,
+                                                "share": round(inside / max(total, 1), 3)}
+        out[proto]["train_seconds"] = round(sum(f["seconds"] for f in out["folds"]
+                                                if f["protocol"] == proto), 1)
         np.save(work / f"finetune_{proto}.npy", np.stack([pc_all, pp_all]))
     return out
 
