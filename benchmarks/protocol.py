@@ -491,7 +491,8 @@ def _gradcam_peaks(result: Any, rows: Sequence[Row], masked: dict[str, Path]) ->
 
 
 def finetune(dataset: Path, work: Path, max_distance: int, protocols: Sequence[str],
-             size: int, views: int, head_epochs: int, epochs: int) -> dict[str, Any]:
+             size: int, views: int, head_epochs: int, epochs: int,
+             max_folds: int | None = None) -> dict[str, Any]:
     """The project's own three-class trainer (``trainer.train.train_model``, the default
     configuration but for the sizes given) through the same folds as the baselines.  Each
     fold's training patients are split again, by group, into training and validation (for
@@ -510,7 +511,7 @@ def finetune(dataset: Path, work: Path, max_distance: int, protocols: Sequence[s
     splits: list[tuple[str, np.ndarray, np.ndarray]] = []
     if "grouped_cv" in protocols:
         splits += [("grouped_cv", np.setdiff1d(np.arange(len(rows)), te), te)
-                   for te in grouped_folds(y3, g)]
+                   for te in grouped_folds(y3, g)[:max_folds]]
     loso = loso_folds(rows, g)
     splits += [("leave_source_out", tr, te) for s, (tr, te) in loso.items()
                if f"lso:{s}" in protocols]
@@ -543,6 +544,7 @@ def finetune(dataset: Path, work: Path, max_distance: int, protocols: Sequence[s
                              "seconds": round(seconds, 1), "timings": result.timings})
         log.info("finetune %s fold done in %.0fs timings %s", proto, seconds, result.timings)
         (work / "finetune_partial.json").write_text(json.dumps(out, indent=1, default=str))
+        np.save(work / f"finetune_partial_{proto}.npy", np.stack([pc_all, pp_all]))
     for proto, (pc_all, pp_all) in preds.items():
         tested = np.flatnonzero(~np.isnan(pc_all))
         out[proto] = summarise(rows, tested, pc_all, pp_all)
@@ -555,10 +557,59 @@ def finetune(dataset: Path, work: Path, max_distance: int, protocols: Sequence[s
     return out
 
 
+def compare(dataset: Path, work: Path, max_distance: int, variant: str = "whole",
+            proto: str = "grouped_cv") -> dict[str, Any]:
+    """The fine-tuned model against frozen features + LR on exactly the images it scored
+    (the same folds), with paired DeLong differences on the within-source questions."""
+    from trainer.metrics import delong_paired
+
+    rows = read_rows(dataset)
+    y3 = np.array([r.y3 for r in rows])
+    g, _ = groups(rows, work, max_distance)
+    pc_ft, pp_ft = np.load(work / f"finetune_partial_{proto}.npy")
+    tested = np.flatnonzero(~np.isnan(pc_ft))
+    pooled = np.load(work / f"pooled_{variant}.npy")
+    out: dict[str, Any] = {"images": int(len(tested)), "finetuned": summarise(rows, tested, pc_ft,
+                                                                              pp_ft)}
+    lr: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+    for three in (False, True):
+        pc = np.full(len(rows), np.nan)
+        pp = np.full(len(rows), np.nan) if three else None
+        for te in grouped_folds(y3, g):
+            if not np.isin(te, tested).all():
+                continue
+            tr = np.setdiff1d(np.arange(len(rows)), te)
+            yy = y3[tr] if three else (y3[tr] == 2).astype(int)
+            model = fit_lr(pooled[tr, 0], yy)
+            a, b = scores_lr(model, pooled[te, 0], three)
+            pc[te] = a
+            if pp is not None and b is not None:
+                pp[te] = b
+        name = "lr3" if three else "lr2"
+        lr[name] = (pc, pp)
+        out[name] = summarise(rows, tested, pc, pp)
+    src = np.array([r.source for r in rows])
+    paired: dict[str, Any] = {}
+    for name, (pc, pp) in lr.items():
+        sel = tested
+        paired[f"covid_vs_rest finetuned - {name}"] = delong_paired(
+            (y3[sel] == 2).astype(int), pc[sel], pc_ft[sel])
+        ie = sel[(src[sel] == "ieee8023") & (y3[sel] > 0)]
+        paired[f"ieee8023 covid_vs_other_pneumonia finetuned - {name}"] = delong_paired(
+            (y3[ie] == 2).astype(int), pc[ie], pc_ft[ie])
+        if pp is not None:
+            nih = sel[src[sel] == "nih"]
+            paired[f"nih pneumonia_vs_normal finetuned - {name}"] = delong_paired(
+                (y3[nih] > 0).astype(int), pp[nih], pp_ft[nih])
+    out["paired_delong"] = paired
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.protocol", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["features", "segmenter", "evaluate", "finetune"])
+    p.add_argument("command",
+                   choices=["features", "segmenter", "evaluate", "finetune", "compare"])
     p.add_argument("--dataset", type=Path, default=Path("../shared/data/cxr"))
     p.add_argument("--work", type=Path, default=Path("/tmp/cxr14"))
     p.add_argument("--variant", default="whole", choices=sorted(SIZES))
@@ -571,6 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--views", type=int, default=3)
     p.add_argument("--head-epochs", type=int, default=6)
     p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--max-folds", type=int, help="finetune: only the first N grouped folds")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.work.mkdir(parents=True, exist_ok=True)
@@ -581,7 +633,13 @@ def main(argv: list[str] | None = None) -> int:
                          aug_views=2 if args.variant == "aug" else 0)
     elif args.command == "finetune":
         res = finetune(args.dataset, args.work, args.max_distance, args.protocols, args.size,
-                       args.views, args.head_epochs, args.epochs)
+                       args.views, args.head_epochs, args.epochs, args.max_folds)
+        text = json.dumps(res, indent=1, default=str)
+        if args.out:
+            args.out.write_text(text)
+        print(text)
+    elif args.command == "compare":
+        res = compare(args.dataset, args.work, args.max_distance)
         text = json.dumps(res, indent=1, default=str)
         if args.out:
             args.out.write_text(text)
