@@ -209,11 +209,18 @@ def variant_image(img: np.ndarray, variant: str, mask128: np.ndarray | None) -> 
             k = max(3, int(0.04 * max(h, w)))
             src = cv2.dilate(src.astype(np.uint8), np.ones((k, k), np.uint8)) > 0
             return img * src
-        ys, xs = np.nonzero(src)
-        y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
-        my, mx = int(0.05 * (y1 - y0)), int(0.05 * (x1 - x0))
-        return img[max(0, y0 - my):min(h, y1 + my + 1), max(0, x0 - mx):min(w, x1 + mx + 1)]
+        top, left, bottom, right = crop_box(src)
+        return img[top:bottom, left:right]
     return img
+
+
+def crop_box(lung: np.ndarray) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right) of the lung fields with a 5% margin, in ``lung``'s frame."""
+    h, w = lung.shape
+    ys, xs = np.nonzero(lung)
+    y0, y1, x0, x1 = int(ys.min()), int(ys.max()), int(xs.min()), int(xs.max())
+    my, mx = int(0.05 * (y1 - y0)), int(0.05 * (x1 - x0))
+    return max(0, y0 - my), max(0, x0 - mx), min(h, y1 + my + 1), min(w, x1 + mx + 1)
 
 
 def _backbone() -> nn.Module:
@@ -249,7 +256,13 @@ def compute_features(dataset: Path, work: Path, variant: str, aug_views: int = 0
             q, b = prepare_image(vimg, size, "clahe")
             sq.append(q)
             bx.append(b)
-            crops.append(vimg.shape)
+            # where the variant's image sits in the film (a crop moves it)
+            off = (0, 0)
+            if variant == "lungcrop" and vimg.shape != img.shape and masks is not None:
+                _, sbox = prepare_image(img, SEG, "none")
+                lung = sbox.to_source(_largest_two(masks[s + i]).astype(np.float32)) > 0.5
+                off = crop_box(lung)[:2]
+            crops.append((off, img.shape))
         x = torch.from_numpy(np.stack(sq)).unsqueeze(1)
         views = [x] + [augment(x, gen, strong) for _ in range(aug_views)]
         with torch.inference_mode():
@@ -261,8 +274,9 @@ def compute_features(dataset: Path, work: Path, variant: str, aug_views: int = 0
                         if r.rel in masked:
                             maps[r.rel] = fm[i].numpy().astype(np.float16)
                             b = bx[i]
+                            (oy, ox), (fh, fw) = crops[i]
                             boxes[r.rel] = [b.size, b.scale, b.top, b.left, b.height, b.width,
-                                            b.source_height, b.source_width]
+                                            b.source_height, b.source_width, oy, ox, fh, fw]
         log.info("%s features %d/%d %.0fs", variant, s + len(chunk), len(rows),
                  time.perf_counter() - t0)
     seconds = time.perf_counter() - t0
@@ -370,6 +384,11 @@ def cam_peak_inside(model: Any, three: bool, rel: str, fmap: np.ndarray, box: li
     lb = Letterbox(int(box[0]), float(box[1]), int(box[2]), int(box[3]), int(box[4]),
                    int(box[5]), int(box[6]), int(box[7]))
     src = lb.to_source(cv2.resize(cam, (lb.size, lb.size), interpolation=cv2.INTER_LINEAR))
+    if len(box) == 12:  # the variant's image is a crop of the film: put it back in place
+        oy, ox, fh, fw = (int(v) for v in box[8:])
+        film = np.zeros((fh, fw), np.float32)
+        film[oy:oy + src.shape[0], ox:ox + src.shape[1]] = src
+        src = film
     mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE) > 127
     if mask.shape != src.shape:
         mask = cv2.resize(mask.astype(np.uint8), src.shape[::-1],
