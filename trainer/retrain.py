@@ -322,6 +322,8 @@ def _train_and_decide(db: Database, settings: Settings, datasets: list[Path], dr
                "images left out as unreadable": len(unreadable),
                "challenger on test (95% intervals)": outcome.test_summary,
                "validation AUC": result.val_metrics.get("auc"),
+               "validation pneumonia-pattern AUC": result.val_metrics.get("pneumonia_auc"),
+               "pneumonia-pattern threshold": meta.pneumonia_threshold,
                "threshold (validation, target sensitivity "
                f"{settings.target_sensitivity})": meta.threshold,
                "training time (s)": round(time.perf_counter() - t0, 1)}
