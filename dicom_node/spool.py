@@ -216,9 +216,8 @@ def temp_prefix(pid: int | None = None) -> str:
     return f"{TEMP_PREFIX}{os.getpid() if pid is None else pid}-"
 
 
-def remove_temp_files_of(spool_dir: Path, pid: int) -> list[Path]:
-    """Delete the half-written files of the dead process ``pid``; returns what was removed."""
-    prefix = temp_prefix(pid)
+def _remove_temp_files(spool_dir: Path, prefix: str) -> list[Path]:
+    """Delete the half-written files whose names start with ``prefix``."""
     removed: list[Path] = []
     if not spool_dir.is_dir():
         return removed
@@ -232,20 +231,15 @@ def remove_temp_files_of(spool_dir: Path, pid: int) -> list[Path]:
     return removed
 
 
+def remove_temp_files_of(spool_dir: Path, pid: int) -> list[Path]:
+    """Delete the half-written files of the dead process ``pid``; returns what was removed."""
+    return _remove_temp_files(spool_dir, temp_prefix(pid))
+
+
 def remove_stale_temp_files(spool_dir: Path) -> list[Path]:
     """Delete half-written files left by a crash; returns what was removed.
 
     Only call this before the listener accepts associations: a running handler's
     temporary file looks the same.
     """
-    removed: list[Path] = []
-    if not spool_dir.is_dir():
-        return removed
-    for study_dir in spool_dir.iterdir():
-        if not study_dir.is_dir():
-            continue
-        for entry in study_dir.iterdir():
-            if is_temp_name(entry.name):
-                entry.unlink(missing_ok=True)
-                removed.append(entry)
-    return removed
+    return _remove_temp_files(spool_dir, "")

@@ -24,7 +24,11 @@ from db.session import Database
 from db.settings import Settings
 from dicom_node import spool
 from tests.support.dicom_factory import make_study_files
-from tests.support.listener_peers import instance_rows, send_files_pynetdicom, spool_files
+from tests.support.listener_peers import (
+    assert_acknowledged_intact,
+    instance_rows,
+    send_files_pynetdicom,
+)
 from tests.support.services import wait_until
 
 pytestmark = pytest.mark.slow
@@ -116,18 +120,7 @@ def test_sigkill_mid_transfer_keeps_every_acknowledged_instance(
     leftover = study_dir / f"{spool.TEMP_PREFIX}crash{spool.TEMP_SUFFIX}"
     leftover.write_bytes(b"half")
     node_proc.start()
-    db = Database(settings, migrate=False)
-    try:
-        rows = instance_rows(db)
-        for sop in acknowledged:
-            assert sop in rows, f"acknowledged {sop} has no row"
-            path = Path(rows[sop].path)
-            assert path.is_file() and path.stat().st_size == rows[sop].size_bytes
-            pydicom.dcmread(path)  # complete and readable
-        names = [p.name for p in spool_files(settings.spool_dir)]
-        assert not [n for n in names if spool.is_temp_name(n)], names
-    finally:
-        db.dispose()
+    assert_acknowledged_intact(settings, acknowledged)
 
 
 def _stalled_peer(port: int) -> socket.socket:

@@ -22,7 +22,7 @@ from db.session import Database
 from db.settings import Settings
 from dicom_node import spool
 from tests.support.dicom_factory import make_study_files
-from tests.support.listener_peers import instance_rows, spool_files
+from tests.support.listener_peers import assert_acknowledged_intact, instance_rows, spool_files
 from tests.support.services import port_open, wait_until
 
 pytestmark = pytest.mark.slow
@@ -117,21 +117,6 @@ def _send(port: int, files: list[Path], acknowledged: list[str], lock: threading
             assoc.release()  # type: ignore[attr-defined]
 
 
-def _check_acknowledged(settings: Settings, acknowledged: list[str]) -> None:
-    db = Database(settings, migrate=False)
-    try:
-        rows = instance_rows(db)
-        for sop in acknowledged:
-            assert sop in rows, f"acknowledged {sop} has no row"
-            path = Path(rows[sop].path)
-            assert path.is_file() and path.stat().st_size == rows[sop].size_bytes
-            pydicom.dcmread(path)  # complete and readable
-        names = [p.name for p in spool_files(settings.spool_dir)]
-        assert not [n for n in names if spool.is_temp_name(n)], names
-    finally:
-        db.dispose()
-
-
 def test_sigkill_of_a_child_and_of_the_supervisor_keeps_every_acknowledged_instance(
     node: SupervisedNode, settings: Settings, tmp_path: Path
 ) -> None:
@@ -175,7 +160,7 @@ def test_sigkill_of_a_child_and_of_the_supervisor_keeps_every_acknowledged_insta
     study_dir = next(p for p in settings.spool_dir.iterdir() if p.is_dir())
     (study_dir / f"{spool.TEMP_PREFIX}crash{spool.TEMP_SUFFIX}").write_bytes(b"half")
     node.start()
-    _check_acknowledged(settings, acknowledged)
+    assert_acknowledged_intact(settings, acknowledged)
 
 
 def test_one_instance_sent_to_several_processes_at_once_is_stored_once(
@@ -196,7 +181,7 @@ def test_one_instance_sent_to_several_processes_at_once_is_stored_once(
     assert time.monotonic() - start < 120
     assert not failed
     assert len(acknowledged) == 8 * len(files)
-    _check_acknowledged(settings, acknowledged)
+    assert_acknowledged_intact(settings, acknowledged)
     db = Database(settings, migrate=False)
     try:
         rows = instance_rows(db)

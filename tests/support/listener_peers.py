@@ -14,7 +14,8 @@ from sqlalchemy import func, select
 
 from db.models import Instance, Study
 from db.session import Database
-from dicom_node.spool import MARKER_NAME
+from db.settings import Settings
+from dicom_node.spool import MARKER_NAME, is_temp_name
 
 
 def dcmtk(tool: str) -> str:
@@ -106,3 +107,22 @@ def study_by_uid(db: Database, study_uid: str) -> Study | None:
 def spool_files(spool_dir: Path) -> list[Path]:
     """Every file in the spool except the listener's identity marker."""
     return sorted(p for p in spool_dir.rglob("*") if p.is_file() and p.name != MARKER_NAME)
+
+
+def assert_acknowledged_intact(settings: Settings, acknowledged: Sequence[str]) -> None:
+    """Every acknowledged instance has its row and its complete, readable file, and no
+    half-written file is visible in the spool (the kill -9 tests' verdict)."""
+    import pydicom
+
+    db = Database(settings, migrate=False)
+    try:
+        rows = instance_rows(db)
+        for sop in acknowledged:
+            assert sop in rows, f"acknowledged {sop} has no row"
+            path = Path(rows[sop].path)
+            assert path.is_file() and path.stat().st_size == rows[sop].size_bytes
+            pydicom.dcmread(path)  # complete and readable
+        names = [p.name for p in spool_files(settings.spool_dir)]
+        assert not [n for n in names if is_temp_name(n)], names
+    finally:
+        db.dispose()
