@@ -23,6 +23,12 @@ BAR_TITLE = "relative attention, not probability"
 MAX_ALPHA = 0.55
 
 
+POSITIVE_RGB = (255, 96, 64)
+NEGATIVE_RGB = (96, 224, 96)
+TEXT_RGB = (255, 255, 255)
+WARNING_RGB = (255, 220, 0)
+
+
 @dataclass(frozen=True)
 class Caption:
     """The text burned into the picture."""
@@ -40,12 +46,27 @@ class Caption:
     def positive(self) -> bool:
         return self.probability >= self.threshold
 
+    @property
+    def pneumonia_positive(self) -> bool | None:
+        """The pneumonia-pattern call, or None where the model has no such finding."""
+        if self.pneumonia_probability is None or self.pneumonia_threshold is None:
+            return None
+        return self.pneumonia_probability >= self.pneumonia_threshold
+
+    def coloured_lines(self) -> list[tuple[str, tuple[int, int, int]]]:
+        """:meth:`lines` with their colours: each finding's line in the colour of its call,
+        the model line in white, the warning in yellow."""
+        calls = [self.positive]
+        if self.pneumonia_positive is not None:
+            calls.append(self.pneumonia_positive)
+        colours = [POSITIVE_RGB if call else NEGATIVE_RGB for call in calls]
+        return list(zip(self.lines(), [*colours, TEXT_RGB, WARNING_RGB], strict=True))
+
     def lines(self) -> list[str]:
         call = "POSITIVE" if self.positive else "NEGATIVE"
         pneumonia = []
-        if self.pneumonia_probability is not None and self.pneumonia_threshold is not None:
-            pcall = "POSITIVE" if self.pneumonia_probability >= self.pneumonia_threshold \
-                else "NEGATIVE"
+        if self.pneumonia_positive is not None:
+            pcall = "POSITIVE" if self.pneumonia_positive else "NEGATIVE"
             pneumonia = [f"Pneumonia pattern probability {self.pneumonia_probability:.2f}: "
                          f"{pcall} (threshold {self.pneumonia_threshold:.2f})"]
         return [
@@ -156,13 +177,8 @@ def render(image01: np.ndarray, heatmap01: np.ndarray | None, caption: Caption,
     font_px = max(MIN_FONT_PX, round(max(h, w) / 48))
     pad = max(3, font_px // 3)
     font = _font(font_px)
-    colours = [
-        (255, 96, 64) if caption.positive else (96, 224, 96),
-        (255, 255, 255),
-        (255, 220, 0),
-    ]
     rows: list[tuple[str, tuple[int, int, int]]] = []
-    for line, colour in zip(caption.lines(), colours, strict=True):
+    for line, colour in caption.coloured_lines():
         rows.extend((part, colour) for part in _wrap(line, font, canvas_w - 2 * pad))
     banner_h = pad + len(rows) * (font_px + pad) + pad
     canvas = Image.new("RGB", (canvas_w, banner_h + h), (0, 0, 0))

@@ -213,3 +213,26 @@ def test_three_class_training_scores_both_findings_and_evaluate_reports_them(
                         cache_root=tmp_path / "cache")
     assert again.meta.classes == THREE_CLASSES
     assert again.val_metrics["auc"] > 0.8
+
+
+def test_sc_of_a_three_class_result_renders_both_findings(tmp_path: Path) -> None:
+    """The SC builder with a pneumonia-pattern probability: four caption lines, each
+    finding in the colour of its call, and an object dciodvfy accepts."""
+    from dicom_node.burnin import NEGATIVE_RGB, POSITIVE_RGB
+    from dicom_node.sc import build_heatmap_sc
+
+    study, series = generate_uid(), generate_uid()
+    source = make_cxr(study_uid=study, series_uid=series, rows=256, cols=256, seed=3)
+    model = dataclasses.replace(make_model(threshold=0.5), pneumonia_threshold=0.4)
+    result = make_result([source], [0.3], model=model)
+    image = dataclasses.replace(result.scored[0], pneumonia_probability=0.65)
+    three = build_heatmap_sc(image, model)
+    two = build_heatmap_sc(result.scored[0], make_model(threshold=0.5))
+    assert three.Rows > two.Rows  # one more caption line in the banner
+    path = write_dataset(three, tmp_path)
+    errors, warnings = dciodvfy(path)
+    assert errors == [] and unexpected_warnings(warnings) == []
+    caption = Caption(0.3, 0.5, "m", "v1", "gradcam", pneumonia_probability=0.65,
+                      pneumonia_threshold=0.4)
+    colours = [colour for _line, colour in caption.coloured_lines()]
+    assert colours[:2] == [NEGATIVE_RGB, POSITIVE_RGB] and len(colours) == 4
