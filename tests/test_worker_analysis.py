@@ -45,8 +45,10 @@ def _counts(db: Database, study_id: int) -> tuple[int, int, int]:
         return int(a or 0), int(p or 0), int(d or 0)
 
 
-def test_analysis_stores_everything_once(db: Database, wsettings: Settings, tmp_path: Path) -> None:
-    register_and_promote(db, wsettings, "m1")
+@pytest.mark.parametrize("three_class", [True, False], ids=["three-class", "two-class"])
+def test_analysis_stores_everything_once(db: Database, wsettings: Settings, tmp_path: Path,
+                                         three_class: bool) -> None:
+    register_and_promote(db, wsettings, "m1", three_class=three_class)
     frontal = make_cxr(rows=80, cols=64, view_position="PA", seed=1)
     lateral = make_cxr(study_uid=frontal.StudyInstanceUID, rows=64, cols=64,
                        view_position="LL", seed=2, instance_number=2)
@@ -69,6 +71,11 @@ def test_analysis_stores_everything_once(db: Database, wsettings: Settings, tmp_
         assert front.scored and 0.0 <= float(front.probability) <= 1.0  # type: ignore[arg-type]
         assert analysis.probability == pytest.approx(front.probability)
         assert analysis.positive == (float(front.probability) >= 0.5)  # type: ignore[arg-type]
+        if three_class:  # the pneumonia-pattern finding beside COVID-19
+            assert analysis.pneumonia_probability is not None
+            assert float(analysis.pneumonia_probability) >= float(analysis.probability)
+        else:
+            assert analysis.pneumonia_probability is None
         assert not side.scored and side.skip_reason and side.probability is None
         heat = np.load(front.heatmap_path)  # type: ignore[arg-type]
         assert heat.shape == (80, 64)  # source resolution

@@ -44,19 +44,26 @@ def add_study(db: Database, settings: Settings, files: list[Path],
 
 
 def make_model_file(settings: Settings, name: str, architecture: str = "tiny_cnn",
-                    input_size: int = 64, threshold: float = 0.5, seed: int = 0) -> Path:
-    """A randomly initialised model saved with trainer.checkpoint (no download needed)."""
+                    input_size: int = 64, threshold: float = 0.5, seed: int = 0,
+                    three_class: bool = True) -> Path:
+    """A randomly initialised model saved with trainer.checkpoint (no download needed).
+
+    Three-class by default, like the models the trainer now writes; ``three_class=False``
+    gives a file of the older two-class kind, which workers must still score."""
     import torch
 
     from trainer.architectures import build_model
-    from trainer.checkpoint import ModelMeta, Preprocessing, save_checkpoint
+    from trainer.checkpoint import THREE_CLASSES, ModelMeta, Preprocessing, save_checkpoint
 
     torch.manual_seed(seed)
     pretrained = architecture == "efficientnet_lite0"
-    model = build_model(architecture, pretrained=pretrained)
+    model = build_model(architecture, pretrained=pretrained,
+                        outputs=len(THREE_CLASSES) if three_class else 1)
+    extra: dict[str, object] = (
+        {"classes": THREE_CLASSES, "pneumonia_threshold": threshold} if three_class else {})
     meta = ModelMeta(architecture=architecture, input_size=input_size,
                      preprocessing=Preprocessing.for_backbone(architecture),
-                     threshold=threshold, version=name)
+                     threshold=threshold, version=name, **extra)  # type: ignore[arg-type]
     path = settings.models_dir / f"{name}.pt"
     save_checkpoint(path, model, meta)
     return path
@@ -64,11 +71,13 @@ def make_model_file(settings: Settings, name: str, architecture: str = "tiny_cnn
 
 def register_and_promote(db: Database, settings: Settings, name: str,
                          architecture: str = "tiny_cnn", input_size: int = 64,
-                         threshold: float = 0.5, seed: int = 0) -> str:
+                         threshold: float = 0.5, seed: int = 0,
+                         three_class: bool = True) -> str:
     """Register a fresh model file as ``name`` and make it the production model."""
     from trainer.registry import promote, register_model
 
-    path = make_model_file(settings, name, architecture, input_size, threshold, seed)
+    path = make_model_file(settings, name, architecture, input_size, threshold, seed,
+                           three_class)
     register_model(db, path, version=name)
     promote(db, name)
     return name
