@@ -1,7 +1,8 @@
-"""The listener's Prometheus counters.
+"""The metrics registry shared by every process: the listener's Prometheus counters and
+the label helper.
 
-They live here because the listener never imports ``worker``; ``worker.metrics`` re-exports
-them so that every process registers each metric once.
+They live on the foundation floor so that the listener (which never imports ``worker``) and
+the worker register each metric once; ``worker.metrics`` re-exports them.
 """
 
 from __future__ import annotations

@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     node = start_node(settings, run_stability=not args.no_stability)
-    from dicom_node import metrics
+    from db import metrics
 
     metrics.serve(settings.metrics_port)
     # A machine-readable line so that supervisors and tests learn an ephemeral port.

@@ -25,10 +25,10 @@ from pydicom.uid import UID
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from db.errors import BadInputError, TransientError
 from db.models import Instance, Study, StudyState, utcnow
 from db.session import Database
 from dicom_node import spool
-from dicom_node.errors import BadInputError, TransientError
 
 log = logging.getLogger(__name__)
 

@@ -36,10 +36,11 @@ from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from db import metrics
+from db.errors import TransientError
 from db.session import Database
 from db.settings import Settings
-from dicom_node import ingest, metrics, spool, store_checks
-from dicom_node.errors import TransientError
+from dicom_node import ingest, spool, store_checks
 from dicom_node.publisher import CeleryPublisher, Publisher
 from dicom_node.stability import StabilityLoop
 

@@ -13,8 +13,8 @@ from typing import Any, Protocol
 from celery import Celery
 
 from db.broker import ANALYSE_TASK, make_celery
+from db.errors import TransientError
 from db.settings import Settings
-from dicom_node.errors import TransientError
 
 
 class PublishError(TransientError):

@@ -15,7 +15,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from db import paths
-from dicom_node.atomic import write_atomically
+from db.atomic import write_atomically
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from db.errors import BadInputError
 from dicom_node import identity
 from dicom_node.conformance import sanitise_source
-from dicom_node.errors import BadInputError
 from dicom_node.results import PredecessorRef, write_dataset
 from dicom_node.sr import (
     NOT_ANALYSED_SERIES_DESCRIPTION,

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dicom_node.atomic import write_atomically
+from db.atomic import write_atomically
 from dicom_node.pixels import CONTRAST_METHODS
 from trainer.architectures import build_model, normalisation
 

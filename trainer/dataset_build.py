@@ -339,7 +339,7 @@ def build(sources: list[tuple[str, Path, Callable[[Path, BuildReport], Iterator[
           out: Path, *, max_side: int = DEFAULT_MAX_SIDE,
           max_distance: int = DEFAULT_MAX_DISTANCE) -> BuildReport:
     """Write ``out/labels.csv``, ``out/images/<source>/*.png`` and ``out/build.json``."""
-    from dicom_node.errors import BadInputError
+    from db.errors import BadInputError
 
     out = Path(out)
     if (out / "labels.csv").exists():

@@ -31,6 +31,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from db.errors import BadInputError, TransientError
 from db.models import (
     Analysis,
     AnalysisState,
@@ -44,7 +45,6 @@ from db.models import (
 from db.session import Database
 from db.settings import Settings
 from db.uids import is_valid_uid
-from dicom_node.errors import BadInputError, TransientError
 from worker import metrics
 from worker.model_cache import (
     NO_PRODUCTION_MODEL,

@@ -22,6 +22,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from db.broker import DELIVER_TASK
+from db.errors import BadInputError
 from db.models import (
     Analysis,
     AnalysisState,
@@ -33,7 +34,6 @@ from db.models import (
 )
 from db.session import Database
 from db.settings import Destination, Settings
-from dicom_node.errors import BadInputError
 from dicom_node.sender import SendOutcome, send_files
 from worker import metrics
 

@@ -19,9 +19,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from db.errors import CxrError
 from db.models import ModelStage, ModelVersion
 from db.settings import Settings
-from dicom_node.errors import CxrError
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from celery import Task
 from sqlalchemy.exc import OperationalError
 
 from db.broker import ANALYSE_TASK, DELIVER_TASK, RECONCILE_TASK
+from db.errors import BadInputError, TransientError
 from db.session import Database
 from db.settings import Settings
-from dicom_node.errors import BadInputError, TransientError
 from worker.app import app, settings
 
 log = logging.getLogger(__name__)
