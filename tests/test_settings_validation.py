@@ -16,7 +16,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from db.settings import SelectionRule, SettingsError, load_settings
 from dicom_node.__main__ import main as listener_main
 from dicom_node.listener import start_node
-from worker.cli import main as cli_main
+from worker.console.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 

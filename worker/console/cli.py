@@ -126,7 +126,7 @@ def render_status_table(data: dict[str, Any], out: TextIO) -> None:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.status import StatusQuery, collect_status
+    from worker.console.status import StatusQuery, collect_status
 
     db = _database(settings)
     try:
@@ -157,7 +157,7 @@ def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.status import list_models
+    from worker.console.status import list_models
 
     db = _database(settings)
     try:
@@ -285,8 +285,8 @@ def cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.web import serve_forever
-    from worker.web_security import WebBindError
+    from worker.console.web import serve_forever
+    from worker.console.web_security import WebBindError
 
     port = settings.web_port if args.port is None else args.port
     try:
@@ -298,7 +298,7 @@ def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.health import check_health
+    from worker.console.health import check_health
 
     only = [c for arg in args.check or [] for c in arg.split(",") if c]
     try:
@@ -311,7 +311,7 @@ def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.up import UpOptions, run_up
+    from worker.console.up import UpOptions, run_up
 
     return run_up(settings, UpOptions(
         bootstrap=Path(args.bootstrap) if args.bootstrap else None,
@@ -322,7 +322,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.demo import DemoOptions, run_demo
+    from worker.console.demo import DemoOptions, run_demo
 
     return run_demo(DemoOptions(
         data=Path(args.data) if args.data else None,

@@ -180,7 +180,7 @@ def demo_inputs(options: DemoOptions, workdir: Path) -> tuple[list[Path], str]:
             chest = [f for f in files if "nonchest" not in f.name]
             other = [f for f in files if "nonchest" in f.name]
             return (chest[: options.studies] + other[:1]), f"real DICOM files from {data}"
-    from worker.phantoms import write_phantoms
+    from worker.console.phantoms import write_phantoms
 
     return (write_phantoms(workdir / "phantoms", options.studies),
             "SYNTHETIC PHANTOMS (PatientName PHANTOM^SYNTHETIC): no real data found")
@@ -202,7 +202,7 @@ def installation_model(base: Settings | None) -> DemoModel | None:
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
         return None
     from db.session import Database
-    from worker.status import production_model
+    from worker.console.status import production_model
 
     try:
         db = Database(base, migrate=False)
@@ -351,7 +351,7 @@ def _finished(settings: Settings, study_uids: list[str]) -> set[str]:
 def run_demo(options: DemoOptions, base: Settings | None = None) -> int:
     from tqdm import tqdm
 
-    from worker.up import Child, Supervisor
+    from worker.console.up import Child, Supervisor
 
     workdir = (options.workdir or Path(tempfile.mkdtemp(prefix="cxr-demo-"))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -441,8 +441,8 @@ def _exit_on_sigterm(signum: int, _frame: Any) -> None:
 def report(settings: Settings, study_uids: list[str], receiver: Receiver) -> None:
     """The results table, then where the SR and heatmap files are."""
     from db.session import Database
-    from worker.cli import render_status_table
-    from worker.status import collect_status
+    from worker.console.cli import render_status_table
+    from worker.console.status import collect_status
 
     db = Database(settings, migrate=False)
     try:
