@@ -7,11 +7,21 @@ received instances have their own path in :mod:`dicom_node.spool`.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, streamed so large checkpoints do not fill memory (the one copy)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def fsync_dir(directory: Path) -> None:

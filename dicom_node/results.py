@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ModelInfo:
+class OutputModel:
     """The model that produced a result, as recorded in every output object."""
 
     name: str
@@ -90,7 +90,7 @@ class AnalysisResult:
     study_probability: float
     positive: bool
     scored: list[ScoredImage]
-    model: ModelInfo
+    model: OutputModel
     predecessor: PredecessorRef | None = None
     not_analysed_reason: str | None = None
     extra_findings: tuple[Finding, ...] = ()
@@ -119,7 +119,7 @@ __all__ = [
     "AnalysisResult",
     "Finding",
     "FindingConcept",
-    "ModelInfo",
+    "OutputModel",
     "PredecessorRef",
     "ScoredImage",
     "write_dataset",

@@ -215,10 +215,10 @@ def test_outputs_read_back_without_validation_warnings(tmp_path: Path) -> None:
     import numpy as np
 
     from dicom_node.pixels import decode_pixels
-    from dicom_node.results import AnalysisResult, ModelInfo, ScoredImage
+    from dicom_node.results import AnalysisResult, OutputModel, ScoredImage
     from dicom_node.sc import build_heatmap_sc
 
-    model = ModelInfo("cxr-triage COVID-19", "odd-length-1", "ab" * 32, "resnet18", 0.5,
+    model = OutputModel("cxr-triage COVID-19", "odd-length-1", "ab" * 32, "resnet18", 0.5,
                       "gradcam")
     ds = make_cxr()
     image = decode_pixels(ds)

@@ -8,7 +8,6 @@ load time rather than silently scored with.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -17,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
+from db.atomic import file_sha256
 from db.models import ModelStage, ModelVersion, as_utc, utcnow
 from db.session import Database
 
@@ -28,19 +29,16 @@ class RegistryError(ValueError):
     """The operator asked for a model that does not exist or cannot be registered."""
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, streamed so large checkpoints do not fill memory."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class ModelInfo:
-    """One registered model, as plain data (for ``cxr-triage models`` and reports)."""
+    """One registered model, as plain data: the one model record.
 
+    The worker, the CLI and the trainer all read it (through :func:`production_model`,
+    :func:`get_model` or :func:`list_models`); the model stamped into output objects
+    (:class:`dicom_node.results.OutputModel`) is built from it in ``worker.outputs``.
+    """
+
+    id: int
     version: str
     stage: str
     architecture: str
@@ -59,6 +57,7 @@ class ModelInfo:
     def from_row(cls, row: ModelVersion) -> ModelInfo:
         metrics = (row.metadata_json or {}).get("metrics") or {}
         return cls(
+            id=row.id,
             version=row.version,
             stage=row.stage,
             architecture=row.architecture,
@@ -74,8 +73,14 @@ class ModelInfo:
             test_specificity=_maybe_float(metrics.get("specificity")),
         )
 
+    def file(self, models_dir: Path) -> Path:
+        """The checkpoint file: ``path`` as recorded, relative ones under ``models_dir``."""
+        path = Path(self.path)
+        return path if path.is_absolute() else Path(models_dir) / path
+
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        del out["id"]  # a database detail, not part of the model's public description
         for key in ("created_at", "promoted_at"):
             if out[key] is not None:
                 out[key] = out[key].isoformat()
@@ -231,15 +236,23 @@ def reject(db: Database, version: str, reason: str) -> ModelInfo:
     return info
 
 
-def production_model(db: Database) -> ModelInfo | None:
-    """The model that scores studies now, or None before the first promotion."""
-    with db.session() as s:
-        row = s.scalar(
+def production_model(source: Database | Session) -> ModelInfo | None:
+    """The model that scores studies now, or None before the first promotion.
+
+    The one production-model query: the newest promotion wins and a row promoted without a
+    time sorts last on SQLite and PostgreSQL alike (``NULLS LAST``), then the newest id.
+    ``source`` is a :class:`Database` (a short session of its own) or an open session.
+    """
+    if isinstance(source, Session):
+        row = source.scalars(
             select(ModelVersion)
             .where(ModelVersion.stage == ModelStage.PRODUCTION)
-            .order_by(ModelVersion.promoted_at.desc(), ModelVersion.id.desc())
-        )
+            .order_by(ModelVersion.promoted_at.desc().nulls_last(), ModelVersion.id.desc())
+            .limit(1)
+        ).first()
         return None if row is None else ModelInfo.from_row(row)
+    with source.session() as s:
+        return production_model(s)
 
 
 def list_models(db: Database) -> list[ModelInfo]:

@@ -45,12 +45,12 @@ from db.models import (
 from db.session import Database
 from db.settings import Settings
 from db.uids import is_valid_uid
+from trainer.registry import ModelInfo, production_model
 from worker import metrics
 from worker.model_cache import (
     NO_PRODUCTION_MODEL,
     LoadedProductionModel,
     ModelCache,
-    ModelInfo,
     ModelUnavailableError,
 )
 
@@ -195,9 +195,7 @@ def mark_failed(db: Database, study_id: int, generation: int, reason: str,
         study = s.get(Study, study_id, with_for_update=True)
         if study is None or study.generation != generation or study.state in FINISHED_STATES:
             return False
-        from worker.model_cache import production_model
-
-        model = production_model(s, db.settings)
+        model = production_model(s)
         _record_failure(s, study, model.id if model else None, generation, reason, now)
         return True
 

@@ -105,7 +105,7 @@ class DatabaseCollector(Collector):
         return []
 
     def collect(self) -> Iterator[Metric]:
-        from worker.console.status import read_gauges
+        from worker.gauges import read_gauges
 
         try:
             gauges = read_gauges(self.db)

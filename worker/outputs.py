@@ -21,7 +21,7 @@ from db.settings import Settings
 from dicom_node import identity
 from dicom_node.results import (
     AnalysisResult,
-    ModelInfo,
+    OutputModel,
     PredecessorRef,
     ScoredImage,
     write_dataset,
@@ -56,9 +56,9 @@ class PreviousSr:
     sent_as: tuple[str, str] | None = None  # (class, UID) it was delivered as, if another
 
 
-def model_info(model: LoadedProductionModel, settings: Settings) -> ModelInfo:
+def model_info(model: LoadedProductionModel, settings: Settings) -> OutputModel:
     info = model.info
-    return ModelInfo(
+    return OutputModel(
         name=MODEL_NAME, version=info.version, sha256=info.sha256,
         architecture=info.architecture, threshold=info.threshold,
         heatmap_method=settings.heatmap_method, manufacturer=settings.manufacturer,

@@ -202,7 +202,7 @@ def installation_model(base: Settings | None) -> DemoModel | None:
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
         return None
     from db.session import Database
-    from worker.console.status import production_model
+    from trainer.registry import production_model
 
     try:
         db = Database(base, migrate=False)

@@ -115,7 +115,7 @@ def no_model_advice(bootstrap_hint: str = "../shared/data/cxr") -> str:
 
 def has_production_model(settings: Settings) -> bool:
     from db.session import Database
-    from worker.console.status import production_model
+    from trainer.registry import production_model
 
     db = Database(settings)  # also brings the schema to head before any child starts
     try:
