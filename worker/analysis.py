@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ from db.models import (
 from db.session import Database
 from db.settings import Settings
 from db.uids import is_valid_uid
-from trainer.registry import ModelInfo, production_model
+from trainer.registry import production_model
 from worker import metrics
 from worker.model_cache import (
     NO_PRODUCTION_MODEL,
@@ -53,69 +52,12 @@ from worker.model_cache import (
     ModelCache,
     ModelUnavailableError,
 )
+from worker.outputs import previous_sr
+from worker.records import Claim, ImageResult, InstanceRef, Outcome, StudyResult
 
 log = logging.getLogger(__name__)
 
 FINISHED_STATES = (StudyState.DONE, StudyState.SKIPPED, StudyState.FAILED)
-
-
-@dataclass(frozen=True)
-class InstanceRef:
-    """An instance of the claimed study, detached from the session."""
-
-    id: int
-    sop_instance_uid: str
-    path: Path
-
-
-@dataclass(frozen=True)
-class Claim:
-    study_id: int
-    study_uid: str
-    generation: int
-    attempt: int
-    model: ModelInfo
-    instances: tuple[InstanceRef, ...]
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What happened to one analyse message.  ``status`` is one of: done, skipped, failed,
-    waiting (no usable model), stale, duplicate, missing, not_ready, gave_up."""
-
-    study_id: int
-    status: str
-    reason: str | None = None
-    analysis_id: int | None = None
-    delivery_ids: tuple[int, ...] = ()
-
-
-@dataclass
-class ImageResult:
-    """The outcome for one instance before it is written as a Prediction."""
-
-    instance: InstanceRef
-    scored: bool
-    skip_reason: str | None = None
-    bad_input: bool = False
-    probability: float | None = None
-    heatmap_path: Path | None = None
-    image: np.ndarray | None = None
-    heatmap: np.ndarray | None = None
-    header: Any = None
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class StudyResult:
-    """Everything computed for a study generation, ready to be stored."""
-
-    state: StudyState
-    reason: str | None
-    images: list[ImageResult]
-    probability: float | None = None
-    positive: bool | None = None
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------- claim
@@ -430,39 +372,6 @@ def finish(
         settings.heatmap_method, result.reason,
     )
     return outcome
-
-
-def previous_sr(db: Database, study_id: int) -> Any:
-    """The SR the study's next SR replaces, for its Predecessor Documents Sequence.
-
-    The latest SR of the study that reached the PACS; where none has yet, the latest one
-    still on its way there (pending or sending).  A failed delivery never reached the
-    PACS and is not named.
-    """
-    from db.models import Delivery, DeliveryState, ModelVersion
-    from worker.outputs import PreviousSr
-
-    with db.session() as s:
-        rows = s.execute(
-            select(Delivery.sop_instance_uid, Delivery.path, Delivery.state,
-                   ModelVersion.version, ModelVersion.sha256, Delivery.reason)
-            .join(Analysis, Analysis.id == Delivery.analysis_id)
-            .join(ModelVersion, ModelVersion.id == Analysis.model_version_id)
-            .where(Delivery.study_id == study_id, Delivery.kind == "sr",
-                   Delivery.state != DeliveryState.FAILED)
-            .order_by(Delivery.id.desc())
-        ).all()
-    delivered = [r for r in rows if r[2] == DeliveryState.DELIVERED]
-    candidates = delivered or list(rows)
-    if not candidates:
-        return None
-    row = candidates[0]
-    from worker.delivery import parse_sent_as
-
-    # Delivered in another SR class: the PACS holds that object, so it is the one named.
-    sent_as = parse_sent_as(row[5]) if row[2] == DeliveryState.DELIVERED else None
-    return PreviousSr(str(row[0]), str(row[3]), str(row[4]), path=str(row[1]),
-                      sent_as=sent_as)
 
 
 # ---------------------------------------------------------------------------- the whole

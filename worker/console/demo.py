@@ -441,7 +441,7 @@ def _exit_on_sigterm(signum: int, _frame: Any) -> None:
 def report(settings: Settings, study_uids: list[str], receiver: Receiver) -> None:
     """The results table, then where the SR and heatmap files are."""
     from db.session import Database
-    from worker.console.cli import render_status_table
+    from worker.console.render import render_status_table
     from worker.console.status import collect_status
 
     db = Database(settings, migrate=False)
