@@ -9,7 +9,8 @@ load time rather than silently scored with.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -116,8 +117,19 @@ def default_version(architecture: str, sha256: str, when: datetime | None = None
     return f"{architecture}-{when:%Y%m%d-%H%M%S}-{sha256[:8]}"
 
 
+@contextmanager
+def _session(source: Database | Session) -> Iterator[Session]:
+    """``source`` itself when it is an open session (the caller owns the transaction),
+    else a short session of its own that commits on success."""
+    if isinstance(source, Session):
+        yield source
+        return
+    with source.session() as s:
+        yield s
+
+
 def register_model(
-    db: Database,
+    db: Database | Session,
     path: Path,
     *,
     meta: Mapping[str, Any] | None = None,
@@ -141,7 +153,7 @@ def register_model(
     missing = [k for k in ("architecture", "input_size", "threshold") if meta.get(k) is None]
     if missing:
         raise RegistryError(f"model file {path} lacks metadata: {', '.join(missing)}")
-    with db.session() as s:
+    with _session(db) as s:
         existing = s.scalar(select(ModelVersion).where(ModelVersion.sha256 == digest))
         if existing is not None:
             log.info("model already registered version=%s sha256=%s", existing.version, digest)
@@ -190,13 +202,13 @@ def get_model(db: Database, version: str) -> ModelInfo:
         return ModelInfo.from_row(row)
 
 
-def promote(db: Database, version: str) -> ModelInfo:
+def promote(db: Database | Session, version: str) -> ModelInfo:
     """Make ``version`` the production model; the previous one is retired.
 
-    Both changes happen in one transaction, so there is never zero or two production
-    models for the worker to see.
+    Both changes happen in one transaction (the caller's, when given a session), so there
+    is never zero or two production models for the worker to see.
     """
-    with db.session() as s:
+    with _session(db) as s:
         row = s.scalar(
             select(ModelVersion).where(ModelVersion.version == version).with_for_update()
         )
@@ -218,9 +230,9 @@ def promote(db: Database, version: str) -> ModelInfo:
     return info
 
 
-def reject(db: Database, version: str, reason: str) -> ModelInfo:
+def reject(db: Database | Session, version: str, reason: str) -> ModelInfo:
     """Mark a candidate as rejected (it lost to the champion); the reason is kept."""
-    with db.session() as s:
+    with _session(db) as s:
         row = s.scalar(select(ModelVersion).where(ModelVersion.version == version))
         if row is None:
             raise RegistryError(f"no model version {version!r}")
@@ -262,9 +274,9 @@ def list_models(db: Database) -> list[ModelInfo]:
         return [ModelInfo.from_row(r) for r in rows]
 
 
-def model_id(db: Database, version: str) -> int:
+def model_id(db: Database | Session, version: str) -> int:
     """The database id of a version (for Evaluation rows)."""
-    with db.session() as s:
+    with _session(db) as s:
         row_id = s.scalar(select(ModelVersion.id).where(ModelVersion.version == version))
     if row_id is None:
         raise RegistryError(f"no model version {version!r}")
