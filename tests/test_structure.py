@@ -31,7 +31,6 @@ OVERSIZE_CEILINGS = {
     "db.settings": 600,
     "dicom_node.sr": 620,
     "trainer.dataset_build": 490,
-    "worker.analysis": 420,
     "worker.console.demo": 480,
     "worker.console.web": 420,
     "worker.console.web_study": 420,

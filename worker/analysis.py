@@ -30,7 +30,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from db import lifecycle
 from db.errors import BadInputError, TransientError
+from db.lifecycle import AnalyseStatus
 from db.models import (
     Analysis,
     AnalysisState,
@@ -70,27 +72,26 @@ def claim(
     with db.session() as s:
         study = s.get(Study, study_id, with_for_update=True)
         if study is None:
-            return Outcome(study_id, "missing", "no such study")
+            return Outcome(study_id, AnalyseStatus.MISSING, "no such study")
         if study.generation != generation:
-            return Outcome(study_id, "stale",
+            return Outcome(study_id, AnalyseStatus.STALE,
                            f"generation {generation} superseded by {study.generation}")
         if study.state in FINISHED_STATES:
-            return Outcome(study_id, "duplicate", f"study already {study.state}")
+            return Outcome(study_id, AnalyseStatus.DUPLICATE, f"study already {study.state}")
         if study.state == StudyState.RECEIVING:
-            return Outcome(study_id, "not_ready", "study is still receiving instances")
+            return Outcome(study_id, AnalyseStatus.NOT_READY, "study is still receiving instances")
         model = models.production(s)
         if model is None:
-            study.state = StudyState.QUEUED
-            study.reason = NO_PRODUCTION_MODEL
-            study.updated_at = now
+            lifecycle.wait_for_model(study, NO_PRODUCTION_MODEL, now)
             log.warning("study waits study_uid=%s reason=%s", study.study_uid,
                         NO_PRODUCTION_MODEL)
-            return Outcome(study_id, "waiting", NO_PRODUCTION_MODEL)
+            return Outcome(study_id, AnalyseStatus.WAITING, NO_PRODUCTION_MODEL)
         existing = s.scalars(select(Analysis).where(
             Analysis.study_id == study_id, Analysis.model_version_id == model.id,
             Analysis.generation == generation)).first()
         if existing is not None:
-            return Outcome(study_id, "duplicate", "analysis already stored", existing.id)
+            return Outcome(study_id, AnalyseStatus.DUPLICATE, "analysis already stored",
+                           existing.id)
         study.attempts = (study.attempts or 0) + 1
         # Every claim counts, Celery's own retries after transient faults included; those
         # retries get their own budget (task_max_retries) on top of the redeliveries', so
@@ -100,13 +101,11 @@ def claim(
             reason = (f"gave up after {budget} attempts "
                       "(worker lost or message redelivered)")
             _record_failure(s, study, model.id, generation, reason, now)
-            return Outcome(study_id, "gave_up", reason)
+            return Outcome(study_id, AnalyseStatus.GAVE_UP, reason)
         queued_at = as_utc(study.queued_at)
         if queued_at is not None:
             metrics.observe_queue_wait((now - queued_at).total_seconds())
-        study.state = StudyState.ANALYSING
-        study.reason = None
-        study.updated_at = now
+        lifecycle.start_analysis(study, now)
         instances = s.scalars(
             select(Instance).where(Instance.study_id == study_id).order_by(Instance.id)
         ).all()
@@ -116,9 +115,7 @@ def claim(
 
 def _record_failure(s: Session, study: Study, model_version_id: int | None, generation: int,
                     reason: str, now: datetime) -> None:
-    study.state = StudyState.FAILED
-    study.reason = reason
-    study.updated_at = now
+    lifecycle.fail_study(study, reason, now)
     existing = s.scalars(select(Analysis).where(
         Analysis.study_id == study.id, Analysis.model_version_id == model_version_id,
         Analysis.generation == generation)).first()
@@ -151,10 +148,7 @@ def release_waiting(db: Database, study_id: int, generation: int, reason: str,
         study = s.get(Study, study_id, with_for_update=True)
         if study is None or study.generation != generation or study.state != StudyState.ANALYSING:
             return
-        study.state = StudyState.QUEUED
-        study.reason = reason
-        study.attempts = max(0, (study.attempts or 0) - 1)
-        study.updated_at = now
+        lifecycle.release_study(study, reason, now)
         log.warning("study waits study_uid=%s reason=%s", study.study_uid, reason)
 
 
@@ -324,13 +318,14 @@ def finish(
         with db.session() as s:
             study = s.get(Study, claim_.study_id, with_for_update=True)
             if study is None:
-                return Outcome(claim_.study_id, "missing", "study vanished")
+                return Outcome(claim_.study_id, AnalyseStatus.MISSING, "study vanished")
             if study.generation != claim_.generation:
                 log.info("stale result discarded study_uid=%s generation=%s current=%s",
                          claim_.study_uid, claim_.generation, study.generation)
-                return Outcome(claim_.study_id, "stale", "newer generation arrived")
+                return Outcome(claim_.study_id, AnalyseStatus.STALE, "newer generation arrived")
             if study.state != StudyState.ANALYSING:
-                return Outcome(claim_.study_id, "duplicate", f"study already {study.state}")
+                return Outcome(claim_.study_id, AnalyseStatus.DUPLICATE,
+                               f"study already {study.state}")
             for previous in s.scalars(select(Analysis).where(
                     Analysis.study_id == study.id, Analysis.state == AnalysisState.DONE)):
                 previous.state = AnalysisState.SUPERSEDED
@@ -353,17 +348,15 @@ def finish(
                     skip_reason=img.skip_reason, timings=dict(img.timings),
                 ))
             deliveries = create_deliveries(s, settings, study.id, analysis.id, outputs, now)
-            study.state = result.state
-            study.reason = result.reason
-            study.attempts = 0
-            study.updated_at = utcnow()
+            lifecycle.finish_study(study, result.state, result.reason, utcnow())
             s.flush()
-            outcome = Outcome(study.id, result.state.value, result.reason, analysis.id,
-                              tuple(d.id for d in deliveries))
+            outcome = Outcome(study.id, AnalyseStatus(result.state.value), result.reason,
+                              analysis.id, tuple(d.id for d in deliveries))
     except IntegrityError:
         log.info("duplicate analysis discarded study_uid=%s generation=%s",
                  claim_.study_uid, claim_.generation)
-        return Outcome(claim_.study_id, "duplicate", "analysis stored by another worker")
+        return Outcome(claim_.study_id, AnalyseStatus.DUPLICATE,
+                       "analysis stored by another worker")
     log.info(
         "study analysed study_uid=%s generation=%s state=%s model=%s probability=%s "
         "method=%s reason=%s",
@@ -383,7 +376,7 @@ def analyse_study(
 
     claimed = claim(db, settings, models, study_id, generation)
     if isinstance(claimed, Outcome):
-        if claimed.status not in ("waiting",):
+        if claimed.status != AnalyseStatus.WAITING:
             log.info("analyse message has nothing to do study_id=%s generation=%s status=%s",
                      study_id, generation, claimed.status)
         return claimed
@@ -391,12 +384,12 @@ def analyse_study(
         # Only rows written around the listener can hold one; the listener refuses them.
         reason = "bad input: invalid StudyInstanceUID"
         mark_failed(db, study_id, generation, reason)
-        return Outcome(study_id, "failed", reason)
+        return Outcome(study_id, AnalyseStatus.FAILED, reason)
     try:
         model = models.get(claimed.model)
     except ModelUnavailableError as exc:
         release_waiting(db, study_id, generation, str(exc))
-        return Outcome(study_id, "waiting", str(exc))
+        return Outcome(study_id, AnalyseStatus.WAITING, str(exc))
     result = compute(claimed, model, settings)
     metrics.observe_inference(result.timings.get("total_s", 0.0), claimed.model.version)
     if result.positive is not None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from db.lifecycle import AnalyseStatus
 from db.models import StudyState
 from trainer.registry import ModelInfo
 
@@ -42,7 +43,7 @@ class Outcome:
     waiting (no usable model), stale, duplicate, missing, not_ready, gave_up."""
 
     study_id: int
-    status: str
+    status: AnalyseStatus
     reason: str | None = None
     analysis_id: int | None = None
     delivery_ids: tuple[int, ...] = ()

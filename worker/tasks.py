@@ -16,6 +16,7 @@ from sqlalchemy.exc import OperationalError
 
 from db.broker import ANALYSE_TASK, DELIVER_TASK, RECONCILE_TASK
 from db.errors import BadInputError, TransientError
+from db.lifecycle import AnalyseStatus, DeliveryStatus
 from db.session import Database
 from db.settings import Settings
 
@@ -108,7 +109,7 @@ def analyse_study(self: Task, study_id: int, generation: int) -> dict[str, Any]:
         log.warning("analysis refused input study_id=%s generation=%s reason=%s", study_id,
                     generation, reason)
         mark_failed(rt.db, int(study_id), int(generation), reason)
-        return {"study_id": study_id, "status": "failed", "reason": reason}
+        return {"study_id": study_id, "status": AnalyseStatus.FAILED, "reason": reason}
     except Exception as exc:
         # Neither bad input nor transient: a fault of ours.  Record it on the study so it
         # is never silent, then let Celery log the traceback; retrying would not help.
@@ -140,7 +141,7 @@ def deliver(self: Task, delivery_id: int) -> dict[str, Any]:
     except TRANSIENT as exc:
         log.warning("delivery bookkeeping failed delivery_id=%s error=%s", delivery_id, exc)
         raise
-    if outcome.status == "retry":
+    if outcome.status == DeliveryStatus.RETRY:
         raise self.retry(countdown=outcome.countdown)
     return {"delivery_id": delivery_id, "status": outcome.status, "reason": outcome.reason}
 

@@ -328,7 +328,7 @@ class Progress:
 def _finished(settings: Settings, study_uids: list[str]) -> set[str]:
     from sqlalchemy import select
 
-    from db.models import Delivery, Study
+    from db.models import Delivery, DeliveryState, Study, StudyState
     from db.session import Database
 
     db = Database(settings, migrate=False)
@@ -336,12 +336,13 @@ def _finished(settings: Settings, study_uids: list[str]) -> set[str]:
         with db.session() as s:
             done: set[str] = set()
             for st in s.scalars(select(Study).where(Study.study_uid.in_(study_uids))):
-                if st.state in ("skipped", "failed"):
+                if st.state in (StudyState.SKIPPED, StudyState.FAILED):
                     done.add(st.study_uid)
-                elif st.state == "done":
+                elif st.state == StudyState.DONE:
                     states = [d.state for d in s.scalars(
                         select(Delivery).where(Delivery.study_id == st.id))]
-                    if states and all(x in ("delivered", "failed") for x in states):
+                    if states and all(x in (DeliveryState.DELIVERED, DeliveryState.FAILED)
+                                      for x in states):
                         done.add(st.study_uid)
             return done
     finally:
