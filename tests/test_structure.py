@@ -30,8 +30,6 @@ MAX_LINES = 400
 OVERSIZE_CEILINGS = {
     "db.settings": 600,
     "dicom_node.sr": 620,
-    "trainer.dataset_build": 490,
-    "worker.console.demo": 480,
     "worker.console.web": 420,
     "worker.console.web_study": 420,
 }
