@@ -172,6 +172,9 @@ class Settings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
+    # Listener scaling (issue 15): processes accepting on one port (SO_REUSEPORT) under one
+    # supervisor; 1 runs the listener in a single process without a supervisor.
+    listener_processes: int = 1
 
     # Listener robustness: every read from a peer is bounded, and dead peers are noticed
     network_timeout: float = 120.0  # seconds one PDU read (or an idle association) may take
@@ -471,6 +474,8 @@ def _validate(s: Settings) -> None:
         raise SettingsError(f"heatmap_method {s.heatmap_method!r} must be gradcam or occlusion")
     if s.max_associations < 1:
         raise SettingsError("max_associations must be at least 1")
+    if not 1 <= s.listener_processes <= 64:
+        raise SettingsError("listener_processes must be between 1 and 64")
     if not 0.0 < s.target_sensitivity < 1.0:
         raise SettingsError("target_sensitivity must lie strictly between 0 and 1")
     if s.train_contrast not in ("none", "clahe", "equalize"):

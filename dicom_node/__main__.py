@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +44,9 @@ def _setup_argparser() -> argparse.ArgumentParser:
                         help="CA bundle; when set, client certs are required")
     parser.add_argument("--no-stability", action="store_true",
                         help="do not run the stability loop in this process")
+    parser.add_argument("--listener-processes", type=int,
+                        help="listener processes on the port, under one supervisor")
+    parser.add_argument("--listener-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
     return parser
 
@@ -51,7 +55,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     names = ("port", "bind_address", "ae_title", "allowed_callers", "data_dir", "database_url",
              "broker_url", "inference_queue", "stable_seconds", "scheduler_interval",
              "max_associations", "max_pdu", "min_free_mb", "tls_cert", "tls_key", "tls_ca",
-             "log_level", "network_timeout", "acse_timeout", "dimse_timeout")
+             "log_level", "network_timeout", "acse_timeout", "dimse_timeout",
+             "listener_processes")
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
@@ -64,7 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(
         level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        # Several listener processes share one log: each line names its process.
+        format="%(asctime)s %(levelname)s %(name)s %(message)s" if settings.listener_processes
+        == 1 else "%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s",
     )
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
@@ -78,10 +85,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    node = start_node(settings, run_stability=not args.no_stability)
+    if settings.listener_processes > 1 and not args.listener_child:
+        from dicom_node.supervisor import run_supervisor
+
+        return run_supervisor(settings, list(sys.argv[1:] if argv is None else argv),
+                              run_stability=not args.no_stability, stop=stop)
+    if args.listener_child:
+        from dicom_node.supervisor import die_with_parent
+
+        die_with_parent()
+    node = start_node(settings, run_stability=not args.no_stability,
+                      supervised=args.listener_child)
     from db import metrics
 
-    metrics.serve(settings.metrics_port)
+    if not args.listener_child:  # a supervisor serves the metrics of all its children
+        metrics.serve(settings.metrics_port)
     # A machine-readable line so that supervisors and tests learn an ephemeral port.
     print(f"LISTENING port={node.port}", flush=True)
     try:

@@ -11,7 +11,7 @@ import logging
 import struct
 import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from io import BytesIO
@@ -258,6 +258,7 @@ def ingest(
     calling_ae: str | None,
     min_free_mb: int,
     now: datetime | None = None,
+    recorder: Recorder | None = None,
 ) -> IngestOutcome:
     """Store ``chunks`` (a complete DICOM file) durably, then record it; idempotent per SOP UID.
 
@@ -270,8 +271,7 @@ def ingest(
     staged = spool.stage(final, chunks)
     for attempt in range(_RECORD_ATTEMPTS):
         try:
-            with _study_locks(header.study_uid):
-                outcome = _record(db, header, staged, calling_ae, now or utcnow())
+            outcome = (recorder or record_one)(db, header, staged, calling_ae, now or utcnow())
             break
         except IntegrityError as exc:
             # Another process recorded the same SOP Instance UID, or created the study,
@@ -294,45 +294,56 @@ def ingest(
 _RECORD_ATTEMPTS = 3
 
 
-def _record(db: Database, header: Header, staged: spool.StagedFile, calling_ae: str | None,
-            when: datetime) -> IngestOutcome:
-    """One short transaction: publish the staged file, add the instance, upsert the study.
+#: Records one staged store: :func:`record_one`, or a group committer's ``record``.
+Recorder = Callable[[Database, Header, spool.StagedFile, "str | None", datetime], IngestOutcome]
+
+
+def record_one(db: Database, header: Header, staged: spool.StagedFile, calling_ae: str | None,
+               when: datetime) -> IngestOutcome:
+    """One short transaction: publish the staged file, add the instance, upsert the study."""
+    with _study_locks(header.study_uid), db.session() as session:
+        return record_in(session, header, staged, calling_ae, when)
+
+
+def record_in(session: Any, header: Header, staged: spool.StagedFile, calling_ae: str | None,
+              when: datetime, *, sync_dir: bool = True) -> IngestOutcome:
+    """Publish the staged file and add its rows in ``session`` (committed by the caller).
 
     A recorded instance always has its file, so the duplicate lookup is only needed when
     the final path already exists (a stat instead of a query on the common path).
+    ``sync_dir=False``: the caller fsyncs the file's directory before committing.
     """
-    with db.session() as session:
-        if staged.final.exists() or not staged.temp.exists():
-            existing = _existing(session, header.sop_uid)
-            if existing is not None:
-                staged.discard()
-                if staged.created_final and staged.final != Path(existing.path):
-                    # Published on an earlier try under another study's folder: not a
-                    # file any row refers to, so it must not stay behind.
-                    staged.final.unlink(missing_ok=True)
-                return IngestOutcome(existing.id, existing.study_id, True, Path(existing.path),
-                                     None, 0)
-        if staged.temp.exists():
-            staged.publish()
-        study_id, generation, event = _touch_study(session, header, when)
-        instance = Instance(
-            study_id=study_id,
-            sop_instance_uid=header.sop_uid,
-            sop_class_uid=header.sop_class_uid,
-            series_uid=header.series_uid,
-            transfer_syntax=header.transfer_syntax,
-            modality=header.modality,
-            view_position=header.view_position,
-            body_part=header.body_part,
-            path=str(staged.final),
-            size_bytes=staged.size,
-            sha256=staged.sha256,
-            calling_ae=calling_ae,
-            received_at=when,
-        )
-        session.add(instance)
-        session.flush()
-        return IngestOutcome(instance.id, study_id, False, staged.final, event, generation)
+    if staged.final.exists() or not staged.temp.exists():
+        existing = _existing(session, header.sop_uid)
+        if existing is not None:
+            staged.discard()
+            if staged.created_final and staged.final != Path(existing.path):
+                # Published on an earlier try under another study's folder: not a
+                # file any row refers to, so it must not stay behind.
+                staged.final.unlink(missing_ok=True)
+            return IngestOutcome(existing.id, existing.study_id, True, Path(existing.path),
+                                 None, 0)
+    if staged.temp.exists():
+        staged.publish(sync_dir=sync_dir)
+    study_id, generation, event = _touch_study(session, header, when)
+    instance = Instance(
+        study_id=study_id,
+        sop_instance_uid=header.sop_uid,
+        sop_class_uid=header.sop_class_uid,
+        series_uid=header.series_uid,
+        transfer_syntax=header.transfer_syntax,
+        modality=header.modality,
+        view_position=header.view_position,
+        body_part=header.body_part,
+        path=str(staged.final),
+        size_bytes=staged.size,
+        sha256=staged.sha256,
+        calling_ae=calling_ae,
+        received_at=when,
+    )
+    session.add(instance)
+    session.flush()
+    return IngestOutcome(instance.id, study_id, False, staged.final, event, generation)
 
 
 def _touch_study(session: Any, header: Header, when: datetime) -> tuple[int, int, str | None]:

@@ -40,8 +40,10 @@ from db import metrics
 from db.errors import TransientError
 from db.session import Database
 from db.settings import Settings
-from dicom_node import ingest, spool, store_checks
+from dicom_node import ingest, reactor, spool, store_checks
+from dicom_node.group_commit import GroupCommitter
 from dicom_node.publisher import CeleryPublisher, Publisher
+from dicom_node.reuseport import start_reuseport_server
 from dicom_node.stability import StabilityLoop
 
 log = logging.getLogger(__name__)
@@ -128,7 +130,10 @@ class StoreService:
         self.db = db
         self.marker = marker
         self._stats: dict[int, _AssocStats] = {}
+        self._wakeups: dict[int, reactor.Wakeup] = {}
         self._lock = threading.Lock()
+        # Concurrent stores share one commit and one directory fsync (group commit).
+        self.committer = GroupCommitter(db)
 
     # ----- association events -------------------------------------------------------
     @staticmethod
@@ -152,6 +157,10 @@ class StoreService:
         # Each PDU read ends within network_timeout, so a stalled peer cannot hold a slot.
         assoc_socket.recv = _recv_exactly(  # type: ignore[union-attr,method-assign]
             assoc_socket, self.settings.network_timeout)
+        # pynetdicom's reactors poll every millisecond; make them wait instead.
+        wakeup = reactor.quiet_reactors(event.assoc)
+        with self._lock:
+            self._wakeups[id(event.assoc)] = wakeup
 
     def on_accepted(self, event: Event) -> None:
         stats = _AssocStats(calling_ae=event.assoc.requestor.ae_title.strip(),
@@ -194,6 +203,10 @@ class StoreService:
     def on_conn_close(self, event: Event) -> None:
         # A peer that drops the connection without release or abort still gets its line.
         self._finish(event, "closed")
+        with self._lock:
+            wakeup = self._wakeups.pop(id(event.assoc), None)
+        if wakeup is not None:
+            wakeup.close()
 
     def _count(self, event: Event, attr: str) -> None:
         with self._lock:
@@ -224,7 +237,7 @@ class StoreService:
             preamble = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
             outcome = ingest.ingest(
                 self.db, self.settings.spool_dir, header, (preamble, dataset_buffer),
-                calling_ae, self.settings.min_free_mb,
+                calling_ae, self.settings.min_free_mb, recorder=self.committer.record,
             )
         except ingest.UnreadableDatasetError as exc:
             self._count(event, "failed")
@@ -334,6 +347,7 @@ class NodeHandle:
             self.stability.stop()
         self.server.shutdown()
         self.ae.shutdown()
+        self.service.committer.stop()
         if self.publisher is not None:
             self.publisher.close()
         if self.owns_db:
@@ -347,29 +361,37 @@ def start_node(
     db: Database | None = None,
     publisher: Publisher | None = None,
     run_stability: bool = True,
+    supervised: bool = False,
 ) -> NodeHandle:
     """Start the listener in this process (non-blocking) and, optionally, the stability loop.
 
     Port 0 picks a free port (see ``NodeHandle.port``).  Half-written files of a previous
-    run are removed before the first association is accepted.
+    run are removed before the first association is accepted.  ``supervised``: one of
+    several processes of :mod:`dicom_node.supervisor` (the port is shared with
+    ``SO_REUSEPORT``; the supervisor cleans the spool, since siblings are writing).
     """
     settings.ensure_dirs()
     owns_db = db is None
-    database = db or Database(settings)
-    removed = spool.remove_stale_temp_files(settings.spool_dir)
-    if removed:
-        log.warning("removed %d half-written spool files from a previous run", len(removed))
+    database = db or Database(settings, migrate=not supervised)
+    if not supervised:
+        removed = spool.remove_stale_temp_files(settings.spool_dir)
+        if removed:
+            log.warning("removed %d half-written spool files from a previous run",
+                        len(removed))
     marker = spool.SpoolMarker(settings.spool_dir)
     service = StoreService(settings, database, marker)
     ae = build_ae(settings)
-    server = ae.start_server(
-        (settings.bind_address, settings.port),
-        block=False,
-        evt_handlers=service.handlers(),
-        ssl_context=make_ssl_context(settings),
-    )
+    address = (settings.bind_address, settings.port)
+    server: ThreadedAssociationServer | None
+    if supervised:
+        server = start_reuseport_server(ae, address, service.handlers(),
+                                        make_ssl_context(settings))
+    else:
+        server = ae.start_server(address, block=False, evt_handlers=service.handlers(),
+                                 ssl_context=make_ssl_context(settings))
     if server is None:  # only None when block=True
         raise RuntimeError("pynetdicom did not return a server")
+    server.contexts = reactor.ContextList(server.contexts)  # cheap per-association copies
     loop: StabilityLoop | None = None
     if run_stability:
         publisher = publisher or CeleryPublisher(settings)

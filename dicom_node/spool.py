@@ -118,8 +118,9 @@ class StagedFile:
     #: (another listener process sharing the spool, or an unrecorded leftover of a crash).
     created_final: bool = False
 
-    def publish(self) -> None:
-        """Move into place and fsync the directory: from here the file survives a crash.
+    def publish(self, sync_dir: bool = True) -> None:
+        """Move into place and fsync the directory: from here the file survives a crash
+        (``sync_dir=False``: the caller fsyncs the directory, once for several files).
 
         ``final`` is created with a hard link where it is absent, so we know whether the
         file there is ours: a failed ingest removes only a file it created, never one that
@@ -131,7 +132,8 @@ class StagedFile:
                 os.unlink(self.temp)
             except FileExistsError:
                 os.replace(self.temp, self.final)
-            fsync_dir(self.final.parent)
+            if sync_dir:
+                fsync_dir(self.final.parent)
         except OSError as exc:
             self.discard()
             raise SpoolWriteError(f"cannot publish {self.final.name}: {exc}") from exc
@@ -161,7 +163,7 @@ def stage(final: Path, chunks: Iterable[bytes | memoryview]) -> StagedFile:
     try:
         parts = [memoryview(c) for c in chunks]
         _ensure_dir(final.parent)
-        fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=final.parent)
+        fd, name = tempfile.mkstemp(prefix=temp_prefix(), suffix=TEMP_SUFFIX, dir=final.parent)
     except OSError as exc:
         raise SpoolWriteError(f"cannot create a file under {final.parent}: {exc}") from exc
     temp = Path(name)
@@ -206,6 +208,28 @@ def _hash_into(digest: Any, parts: list[memoryview]) -> None:
 
 def is_temp_name(name: str) -> bool:
     return name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)
+
+
+def temp_prefix(pid: int | None = None) -> str:
+    """Temporary names carry the writer's pid, so that a supervisor can remove a dead
+    listener process's half-written files while the other processes keep writing."""
+    return f"{TEMP_PREFIX}{os.getpid() if pid is None else pid}-"
+
+
+def remove_temp_files_of(spool_dir: Path, pid: int) -> list[Path]:
+    """Delete the half-written files of the dead process ``pid``; returns what was removed."""
+    prefix = temp_prefix(pid)
+    removed: list[Path] = []
+    if not spool_dir.is_dir():
+        return removed
+    for study_dir in spool_dir.iterdir():
+        if not study_dir.is_dir():
+            continue
+        for entry in study_dir.iterdir():
+            if entry.name.startswith(prefix) and is_temp_name(entry.name):
+                entry.unlink(missing_ok=True)
+                removed.append(entry)
+    return removed
 
 
 def remove_stale_temp_files(spool_dir: Path) -> list[Path]:
