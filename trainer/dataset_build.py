@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from db.logs import configure_logging
 from trainer.dataset_sources import (
     DEFAULT_MAX_SIDE,
     DEFAULT_NIH_LIMIT,
@@ -238,8 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_build_parser(sub)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s "
-                        "%(message)s")
+    configure_logging(logging.INFO)
     return run_build(args)
 
 

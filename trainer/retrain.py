@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from db import paths
+from db.logs import configure_logging
 from db.models import RetrainRun, utcnow
 from db.session import Database
 from db.settings import Settings, SettingsError, load_settings
@@ -213,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s "
-                        "%(message)s")
+    configure_logging(settings.log_level)
     for d in args.dataset:
         if not (d / "labels.csv").is_file():
             print(f"error: dataset {d} has no labels.csv", file=sys.stderr)

@@ -7,12 +7,12 @@ by name, reads the environment.  Everything else uses :func:`worker.app.create_a
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from celery import Celery
 from celery.signals import setup_logging
 
+from db.logs import LINE_WITH_PROCESS_NAME, configure_logging
 from db.settings import Settings, SettingsError, load_settings
 from worker.app import create_app
 from worker.metrics import install_celery_signals
@@ -31,7 +31,4 @@ install_celery_signals(settings)  # each pool process serves /metrics when metri
 def _configure_logging(**_: object) -> None:
     """One line per event on stderr at ``settings.log_level``, for our loggers and
     Celery's alike (Celery skips its own set-up when this signal has a receiver)."""
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level, LINE_WITH_PROCESS_NAME)
