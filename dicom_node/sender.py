@@ -56,8 +56,11 @@ from pynetdicom.status import code_to_category
 
 from db.errors import BadInputError
 from db.settings import Destination
+from dicom_node import socket_fix
 
 log = logging.getLogger(__name__)
+
+socket_fix.install()  # refused associations must not leak their socket
 
 _CHUNKED_LOCK = threading.Lock()
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from db.settings import Settings, load_settings
+from dicom_node import socket_fix
 from tests.support.services import (
     SHARED_DATA,
     drop_postgres_template,
@@ -19,6 +20,9 @@ from tests.support.services import (
     postgres_reachable,
     redis_reachable,
 )
+
+# The test side's own pynetdicom peers close refused or broken sockets as the product's do.
+socket_fix.install()
 
 
 @pytest.fixture(autouse=True)

@@ -151,11 +151,12 @@ class Orthanc:
         return self.post("/instances", raw=path.read_bytes())
 
     def start(self) -> None:
-        log = open(self.workdir / "orthanc.log", "ab")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            ["Orthanc", str(self.workdir / "orthanc.json")], stdout=log, stderr=log,
-            cwd=self.workdir,
-        )
+        # The child keeps its own copy of the descriptor; ours is closed at once.
+        with open(self.workdir / "orthanc.log", "ab") as log:
+            self.process = subprocess.Popen(
+                ["Orthanc", str(self.workdir / "orthanc.json")], stdout=log, stderr=log,
+                cwd=self.workdir,
+            )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
