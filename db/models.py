@@ -140,6 +140,10 @@ class Analysis(Base):
     probability: Mapped[float | None] = mapped_column(Float, default=None)
     positive: Mapped[bool | None] = mapped_column(Boolean, default=None)
     threshold: Mapped[float | None] = mapped_column(Float, default=None)
+    # the pneumonia-pattern finding, P(covid) + P(other pneumonia) (three-class models)
+    pneumonia_probability: Mapped[float | None] = mapped_column(Float, default=None)
+    pneumonia_positive: Mapped[bool | None] = mapped_column(Boolean, default=None)
+    pneumonia_threshold: Mapped[float | None] = mapped_column(Float, default=None)
     heatmap_method: Mapped[str | None] = mapped_column(String(16), default=None)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
@@ -162,6 +166,7 @@ class Prediction(Base):
     instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
     scored: Mapped[bool] = mapped_column(Boolean, default=True)
     probability: Mapped[float | None] = mapped_column(Float, default=None)
+    pneumonia_probability: Mapped[float | None] = mapped_column(Float, default=None)
     heatmap_path: Mapped[str | None] = mapped_column(Text, default=None)
     skip_reason: Mapped[str | None] = mapped_column(Text, default=None)
     timings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
@@ -177,7 +182,9 @@ class Label(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
-    label: Mapped[int] = mapped_column(Integer)
+    label: Mapped[int] = mapped_column(Integer)  # 1 COVID-19, 0 not
+    # normal, other_pneumonia or covid; None where only COVID-19 or not is known
+    label_name: Mapped[str | None] = mapped_column(String(32), default=None)
     truth_source: Mapped[str] = mapped_column(String(64))
     label_date: Mapped[str | None] = mapped_column(String(32), default=None)
     imported_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

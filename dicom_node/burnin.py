@@ -32,6 +32,9 @@ class Caption:
     model_name: str
     model_version: str
     heatmap_method: str
+    # the pneumonia-pattern finding (three-class models only)
+    pneumonia_probability: float | None = None
+    pneumonia_threshold: float | None = None
 
     @property
     def positive(self) -> bool:
@@ -39,9 +42,16 @@ class Caption:
 
     def lines(self) -> list[str]:
         call = "POSITIVE" if self.positive else "NEGATIVE"
+        pneumonia = []
+        if self.pneumonia_probability is not None and self.pneumonia_threshold is not None:
+            pcall = "POSITIVE" if self.pneumonia_probability >= self.pneumonia_threshold \
+                else "NEGATIVE"
+            pneumonia = [f"Pneumonia pattern probability {self.pneumonia_probability:.2f}: "
+                         f"{pcall} (threshold {self.pneumonia_threshold:.2f})"]
         return [
             f"COVID-19 probability {self.probability:.2f}: {call} "
             f"(threshold {self.threshold:.2f})",
+            *pneumonia,
             f"Model {self.model_name} {self.model_version}, heatmap {self.heatmap_method}",
             "AI RESULT - NOT FOR DIAGNOSTIC USE",
         ]

@@ -31,6 +31,8 @@ class OutputModel:
     threshold: float
     heatmap_method: str
     manufacturer: str = "cxr-triage"
+    # the pneumonia-pattern finding's operating point (three-class models only)
+    pneumonia_threshold: float | None = None
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class ScoredImage:
     probability: float
     heatmap: np.ndarray | None
     image01: np.ndarray
+    pneumonia_probability: float | None = None  # three-class models only
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,9 @@ class AnalysisResult:
     predecessor: PredecessorRef | None = None
     not_analysed_reason: str | None = None
     extra_findings: tuple[Finding, ...] = ()
+    # the pneumonia-pattern finding, P(covid) + P(other pneumonia) (three-class models)
+    pneumonia_probability: float | None = None
+    pneumonia_positive: bool | None = None
 
 
 def write_dataset(ds: Dataset, directory: Path) -> Path:

@@ -97,6 +97,8 @@ def build_heatmap_sc(scored: ScoredImage, model: OutputModel, max_side: int = MA
         model_name=model.name,
         model_version=model.version,
         heatmap_method=model.heatmap_method,
+        pneumonia_probability=scored.pneumonia_probability,
+        pneumonia_threshold=model.pneumonia_threshold,
     )
     pixels = render(scored.image01, scored.heatmap, caption, max_side=max_side)
     study_uid = str(header.StudyInstanceUID)

@@ -64,6 +64,8 @@ _BUILD = "sr-2"
 
 COVID19 = Code("840539006", "SCT", "COVID-19")
 COVID19_CONCEPT = FindingConcept("840539006", "SCT", "COVID-19")
+PNEUMONIA = Code("233604007", "SCT", "Pneumonia")
+PNEUMONIA_CONCEPT = FindingConcept("233604007", "SCT", "Pneumonia")
 PRESENT = Code("52101004", "SCT", "Present")
 ABSENT = Code("272519000", "SCT", "Absent")
 PROBABILITY = Code("122157", "DCM", "Probability")
@@ -102,6 +104,9 @@ class SrReadback:
     algorithm_version: str | None
     not_analysed_reason: str | None
     hotspots: dict[str, tuple[float, float]] = field(default_factory=dict)
+    pneumonia_present: bool | None = None
+    pneumonia_probability: float | None = None
+    pneumonia_threshold: float | None = None
 
 
 def _device_observer(model: OutputModel) -> hd.sr.ObservationContext:
@@ -389,7 +394,14 @@ def _findings(result: AnalysisResult) -> list[Finding]:
     """The study-level findings of a result: COVID-19 first, then any others."""
     covid = Finding(COVID19_CONCEPT, float(result.study_probability),
                     float(result.model.threshold), bool(result.positive))
-    return [covid, *result.extra_findings]
+    found = [covid]
+    if (result.pneumonia_probability is not None
+            and result.model.pneumonia_threshold is not None):
+        # The pneumonia-pattern finding of a three-class model: P(covid) + P(other pneumonia).
+        found.append(Finding(PNEUMONIA_CONCEPT, float(result.pneumonia_probability),
+                             float(result.model.pneumonia_threshold),
+                             bool(result.pneumonia_positive)))
+    return [*found, *result.extra_findings]
 
 
 def build_sr(result: AnalysisResult, institution_name: str | None = None) -> Dataset:
@@ -588,14 +600,25 @@ def read_result(ds: Dataset) -> SrReadback:
                 hotspots[g.images[0]] = g.point
     name, version = next((g.algorithm for g in groups if g.algorithm != (None, None)),
                          (None, None))
+    pneumonia = next((g for g in groups if g.finding == PNEUMONIA.value
+                      and not g.tracking.startswith(IMAGE_GROUP_ID)), None)
+    p_present: bool | None = None
+    p_prob = p_thr = None
+    if pneumonia is not None:
+        if pneumonia.evaluation is not None:
+            p_present = pneumonia.evaluation == PRESENT.value
+        p_prob = (pneumonia.numbers or {}).get(PROBABILITY.value)
+        p_thr = (pneumonia.numbers or {}).get(OPERATING_POINT.value)
     return SrReadback(present, probability, threshold, per_image, name, version, reason,
-                      hotspots)
+                      hotspots, p_present, p_prob, p_thr)
 
 
 __all__ = [
     "COVID19",
     "COVID19_CONCEPT",
     "FindingReadback",
+    "PNEUMONIA",
+    "PNEUMONIA_CONCEPT",
     "SrReadback",
     "build_not_analysed_sr",
     "build_sr",

@@ -17,8 +17,9 @@ from trainer.retrain import EXIT_OK, run_nightly
 PER_SOURCE = 40
 
 
-def _subset(shared: Path, out: Path) -> Path:
-    """labels.csv naming up to PER_SOURCE images of each source by absolute path (no copies)."""
+def _subset(shared: Path, out: Path, names: bool = True) -> Path:
+    """labels.csv naming up to PER_SOURCE images of each source by absolute path (no copies);
+    ``names=False`` leaves out the label_name column (a two-class folder)."""
     rows = list(csv.DictReader((shared / "labels.csv").open()))
     by_source: dict[str, list[dict[str, str]]] = {}
     for r in rows:
@@ -29,11 +30,15 @@ def _subset(shared: Path, out: Path) -> Path:
         chosen += items[::step][:PER_SOURCE]
     out.mkdir(parents=True, exist_ok=True)
     with (out / "labels.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["path", "label", "patient_id", "source"])
+        fields = ["path", "label", "patient_id", "source"] + (["label_name"] if names else [])
+        w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
         for r in chosen:
-            w.writerow({"path": str((shared / r["path"]).resolve()), "label": r["label"],
-                        "patient_id": r["patient_id"], "source": r["source"]})
+            row = {"path": str((shared / r["path"]).resolve()), "label": r["label"],
+                   "patient_id": r["patient_id"], "source": r["source"]}
+            if names:
+                row["label_name"] = r["label_name"]
+            w.writerow(row)
     return out
 
 
@@ -78,6 +83,19 @@ def test_bootstrap_on_shared_data_and_per_source_evaluation(  # type: ignore[no-
         if v["n"] - v["n_positive"]:
             assert 0.0 <= v["specificity"] <= 1.0
     # --patients all is refused: the model was trained on this folder
+    # three classes: the pneumonia finding, one-vs-rest AUCs and the 3x3 confusion matrix
+    assert result["classes"] == ["normal", "other_pneumonia", "covid"]
+    assert 0.0 <= result["pneumonia_auc"] <= 1.0
+    assert set(result["class_auc"]) == {"normal", "other_pneumonia", "covid"}
+    matrix = result["confusion_3x3"]["matrix"]
+    assert sum(map(sum, matrix)) == result["n"]
+    assert "pneumonia_auc" in per["nih"]  # NIH holds normal and other pneumonia
+    # the same images without label_name are evaluated as before
+    plain = _subset(shared_data, tmp_path / "plain", names=False)
+    assert evaluate_main(["--dataset", str(plain), "--json"]) == 0
+    before = json.loads(capsys.readouterr().out)
+    assert before["auc"] == pytest.approx(result["auc"])
+    assert "pneumonia_auc" not in before and "confusion_3x3" not in before
     assert evaluate_main(["--dataset", str(subset), "--patients", "all"]) == 2
     # the text form names the patients used and each source
     assert evaluate_main(["--dataset", str(subset)]) == 0

@@ -43,6 +43,11 @@ def test_status_json_lists_studies_predictions_deliveries_and_summary(
     assert done["prediction"]["positive"] is True
     assert done["prediction"]["model_version"] == pop.model_version
     assert done["prediction"]["heatmap_method"] == "gradcam"
+    # the second finding of a three-class model: the pneumonia pattern
+    assert (done["pneumonia_probability"], done["pneumonia_positive"]) == (
+        pytest.approx(0.91), True)
+    assert done["prediction"]["pneumonia_threshold"] == pytest.approx(0.5)
+    assert by_uid[pop.queued_uid]["pneumonia_probability"] is None
     assert (done["probability"], done["positive"], done["model_version"],
             done["heatmap_method"]) == (pytest.approx(0.87), True, pop.model_version, "gradcam")
     kinds = {(d["kind"], d["state"], d["attempts"]) for d in done["deliveries"]}

@@ -46,7 +46,8 @@ def test_page_lists_studies_models_heatmaps_and_plots(served) -> None:  # type: 
     status, ctype, body = _get(server, "/")
     assert status == 200 and ctype.startswith("text/html")
     page = body.decode()
-    for text in (pop.done_uid, pop.queued_uid, pop.failed_uid, "POSITIVE", "0.870",
+    for text in (pop.done_uid, pop.queued_uid, pop.failed_uid, "POSITIVE", "0.870", "0.910",
+                 "Pneumonia pattern",
                  pop.model_version, "Not a diagnostic device", "called AE title"):
         assert text in page
     assert SECRET_PATIENT_ID not in page

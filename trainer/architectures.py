@@ -1,4 +1,6 @@
-"""The seed papers' backbones, each with a single-logit head for COVID-19 vs not.
+"""The seed papers' backbones, with a single-logit head (COVID-19 vs not, the two-class
+models of earlier versions) or a softmax head over several classes (normal / other
+pneumonia / COVID-19, the default).
 
 ImageNet weights come through torchvision's weights API, which reads a file in the torch
 hub cache or downloads it.  Production hosts often have no internet, so a missing file is
@@ -56,7 +58,7 @@ class WeightsUnavailableError(RuntimeError):
 class TinyCNN(nn.Module):
     """Four small convolutions and a linear logit: trains in seconds on a CPU."""
 
-    def __init__(self, width: int = 16) -> None:
+    def __init__(self, width: int = 16, outputs: int = 1) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         in_ch = 3
@@ -68,7 +70,7 @@ class TinyCNN(nn.Module):
             in_ch = out_ch
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(in_ch, 1)
+        self.classifier = nn.Linear(in_ch, outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.pool(self.features(x)).flatten(1))  # type: ignore[no-any-return]
@@ -115,31 +117,32 @@ def _torchvision_model(name: str, pretrained: bool) -> nn.Module:
     return pretrained_model
 
 
-def _replace_head(model: nn.Module, name: str) -> None:
-    """Swap the ImageNet classifier for one logit."""
+def _replace_head(model: nn.Module, name: str, outputs: int = 1) -> None:
+    """Swap the ImageNet classifier for ``outputs`` logits."""
     m: Any = model
+    n = outputs
     if name.startswith("resnet"):
-        m.fc = nn.Linear(m.fc.in_features, 1)
+        m.fc = nn.Linear(m.fc.in_features, n)
     elif name == "densenet121":
-        m.classifier = nn.Linear(m.classifier.in_features, 1)
+        m.classifier = nn.Linear(m.classifier.in_features, n)
     elif name == "mobilenet_v2" or name == "vgg19":
         last = len(m.classifier) - 1
-        m.classifier[last] = nn.Linear(m.classifier[last].in_features, 1)
+        m.classifier[last] = nn.Linear(m.classifier[last].in_features, n)
     elif name == "mobilenet_v3_large":
-        m.classifier[3] = nn.Linear(m.classifier[3].in_features, 1)
+        m.classifier[3] = nn.Linear(m.classifier[3].in_features, n)
     elif name == "squeezenet1_1":
         # The ImageNet head ends in ReLU, which would force logits >= 0 (p >= 0.5).
         m.classifier = nn.Sequential(
-            nn.Dropout(p=0.5), nn.Conv2d(512, 1, kernel_size=1), nn.AdaptiveAvgPool2d(1)
+            nn.Dropout(p=0.5), nn.Conv2d(512, n, kernel_size=1), nn.AdaptiveAvgPool2d(1)
         )
     elif name == "efficientnet_lite0":
-        m._fc = nn.Linear(m._fc.in_features, 1)
+        m._fc = nn.Linear(m._fc.in_features, n)
     else:  # pragma: no cover - guarded by _check_name
         raise UnknownBackboneError(name)
 
 
-def build_model(name: str, pretrained: bool = True) -> nn.Module:
-    """Backbone ``name`` with a single-logit head; never downloads.
+def build_model(name: str, pretrained: bool = True, outputs: int = 1) -> nn.Module:
+    """Backbone ``name`` with ``outputs`` logits (1: sigmoid, more: softmax); never downloads.
 
     ``pretrained=False`` gives random initialisation (used when rebuilding a checkpoint,
     whose state dict replaces every weight anyway).
@@ -147,12 +150,12 @@ def build_model(name: str, pretrained: bool = True) -> nn.Module:
     _check_name(name)
     model: nn.Module
     if name == "tiny_cnn":
-        return TinyCNN()
+        return TinyCNN(outputs=outputs)
     if name == "efficientnet_lite0":
         model = efficientnet_lite0(pretrained=pretrained)
     else:
         model = _torchvision_model(name, pretrained)
-    _replace_head(model, name)
+    _replace_head(model, name, outputs)
     return model
 
 

@@ -24,6 +24,14 @@ from trainer.architectures import build_model, normalisation
 
 FORMAT = "cxr-triage-checkpoint/1"
 
+# A model's classes, in the order of its outputs.  Two-class files (every file written
+# before the three-class head, which records no classes) have one logit: P(COVID-19) is
+# its sigmoid.  Three-class files have a softmax head; the pneumonia-pattern finding is
+# P(covid) + P(other_pneumonia).
+TWO_CLASSES: tuple[str, ...] = ("not_covid", "covid")
+THREE_CLASSES: tuple[str, ...] = ("normal", "other_pneumonia", "covid")
+KNOWN_CLASSES = (TWO_CLASSES, THREE_CLASSES)
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used (missing, unreadable or not ours)."""
@@ -83,11 +91,28 @@ class ModelMeta:
     threshold: float = 0.5
     provenance: Provenance = field(default_factory=Provenance)
     version: str = ""
+    classes: tuple[str, ...] = TWO_CLASSES
+    # the pneumonia-pattern finding's threshold (three-class models only)
+    pneumonia_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.classes not in KNOWN_CLASSES:
+            raise ValueError(f"classes {self.classes!r} must be one of {KNOWN_CLASSES}")
+
+    @property
+    def outputs(self) -> int:
+        """Logits of the head: 1 for the two-class sigmoid, else one per class."""
+        return 1 if self.classes == TWO_CLASSES else len(self.classes)
+
+    @property
+    def has_pneumonia(self) -> bool:
+        return self.classes == THREE_CLASSES
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["preprocessing"]["mean"] = list(self.preprocessing.mean)
         data["preprocessing"]["std"] = list(self.preprocessing.std)
+        data["classes"] = list(self.classes)
         return data
 
     @classmethod
@@ -105,6 +130,9 @@ class ModelMeta:
                 extra=dict(prov.get("extra") or {}),
             ),
             version=str(data.get("version", "")),
+            classes=tuple(str(c) for c in data.get("classes") or TWO_CLASSES),
+            pneumonia_threshold=(None if data.get("pneumonia_threshold") is None
+                                 else float(data["pneumonia_threshold"])),
         )
 
 
@@ -144,6 +172,16 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
+def findings(logits: torch.Tensor, meta: ModelMeta) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(P(COVID-19), P(pneumonia pattern) or None) per row of ``logits`` (N x outputs)."""
+    logits = logits.float().reshape(logits.shape[0], -1)
+    if meta.outputs == 1:
+        return torch.sigmoid(logits[:, 0]), None
+    p = torch.softmax(logits, dim=1)
+    covid = p[:, meta.classes.index("covid")]
+    return covid, covid + p[:, meta.classes.index("other_pneumonia")]
+
+
 def read_meta(path: Path) -> ModelMeta:
     """The meta of a checkpoint, without building the model."""
     data = _load_payload(Path(path).read_bytes(), path)
@@ -176,7 +214,7 @@ def load_checkpoint(
         )
     data = _load_payload(payload, path)
     meta = ModelMeta.from_dict(data["meta"])
-    model = build_model(meta.architecture, pretrained=False)
+    model = build_model(meta.architecture, pretrained=False, outputs=meta.outputs)
     try:
         model.load_state_dict(data["state_dict"], strict=True)
     except RuntimeError as exc:
@@ -194,7 +232,10 @@ __all__ = [
     "ModelMeta",
     "Preprocessing",
     "Provenance",
+    "THREE_CLASSES",
+    "TWO_CLASSES",
     "file_sha256",
+    "findings",
     "load_checkpoint",
     "read_meta",
     "resolve_device",

@@ -9,7 +9,9 @@ the received spool files.  The patient is ``Study.patient_id`` (or the study its
 none was sent); the source is the sending AE (``pacs:<calling AE>``).
 
 Folder (``--dataset DIR``): ``DIR/labels.csv`` with columns ``path,label,patient_id`` and
-optionally ``source``; paths are relative to ``DIR``; DICOM, PNG or JPEG files.
+optionally ``source`` and ``label_name`` (normal / other_pneumonia / covid; where given,
+``label`` may be empty and must otherwise agree); paths are relative to ``DIR``; DICOM,
+PNG or JPEG files.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from db.session import Database
 from db.settings import Settings
 from dicom_node.pixels import load_image_file
 from dicom_node.selection import select_instances
-from trainer.labels import parse_label
+from trainer.labels import parse_label, parse_label_name, reconcile
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,8 @@ class ImageRecord:
     source: str
     study_uid: str | None = None
     study_id: int | None = None
+    # normal, other_pneumonia or covid; None where only COVID-19 or not is known
+    label_name: str | None = None
 
 
 def folder_records(root: Path) -> list[ImageRecord]:
@@ -70,7 +74,9 @@ def folder_records(root: Path) -> list[ImageRecord]:
             rel = (row.get("path") or "").strip()
             patient = (row.get("patient_id") or "").strip()
             try:
-                label = parse_label(row.get("label") or "")
+                name = parse_label_name(row.get("label_name") or "")
+                raw = (row.get("label") or "").strip()
+                label = reconcile(parse_label(raw) if raw or name is None else None, name)
             except ValueError as exc:
                 problems.append(f"line {line}: {exc}")
                 continue
@@ -83,7 +89,7 @@ def folder_records(root: Path) -> list[ImageRecord]:
                 continue
             source = (row.get("source") or "").strip() or root.name
             out.append(ImageRecord(key=f"dir:{root.name}/{rel}", path=path, label=label,
-                                   patient_key=patient, source=source))
+                                   patient_key=patient, source=source, label_name=name))
     if problems:
         shown = "; ".join(problems[:10])
         raise DatasetError(f"{labels}: {len(problems)} bad rows: {shown}")
@@ -95,12 +101,12 @@ def database_records(db: Database, settings: Settings) -> list[ImageRecord]:
     out: list[ImageRecord] = []
     with db.session() as s:
         rows = s.execute(
-            select(Study, Label.label)
+            select(Study, Label.label, Label.label_name)
             .join(Label, Label.study_id == Study.id)
             .where(Label.current.is_(True))
             .order_by(Study.id)
         ).all()
-        for study, label in rows:
+        for study, label, label_name in rows:
             instances = s.scalars(
                 select(Instance).where(Instance.study_id == study.id).order_by(Instance.id)
             ).all()
@@ -120,7 +126,7 @@ def database_records(db: Database, settings: Settings) -> list[ImageRecord]:
                     key=f"db:{inst.sop_instance_uid}", path=path, label=int(label),
                     patient_key=study.patient_id or f"study:{study.study_uid}",
                     source=f"pacs:{inst.calling_ae or 'unknown'}",
-                    study_uid=study.study_uid, study_id=study.id,
+                    study_uid=study.study_uid, study_id=study.id, label_name=label_name,
                 ))
     return out
 
@@ -140,7 +146,8 @@ def data_digest(records: Iterable[ImageRecord]) -> str:
     """A digest of which images with which labels a model was trained on."""
     h = hashlib.sha256()
     for r in sorted(records, key=lambda r: r.key):
-        h.update(f"{r.key}\t{r.label}\t{r.patient_key}\n".encode())
+        name = f"\t{r.label_name}" if r.label_name is not None else ""
+        h.update(f"{r.key}\t{r.label}\t{r.patient_key}{name}\n".encode())
     return h.hexdigest()
 
 
@@ -150,6 +157,8 @@ def describe(records: Sequence[ImageRecord]) -> dict[str, Any]:
     for r in records:
         d = per.setdefault(r.source, {"positive": 0, "negative": 0})
         d["positive" if r.label else "negative"] += 1
+        if r.label_name is not None:
+            d[r.label_name] = d.get(r.label_name, 0) + 1
     return {"images": len(records), "patients": len({r.patient_key for r in records}),
             "positive": sum(r.label for r in records), "per_source": per}
 

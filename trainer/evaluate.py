@@ -5,6 +5,16 @@ keyed split (``settings.split_key``), which no model trained here ever trains or
 on.  ``--patients all`` uses every patient, and is refused for a folder the model was
 trained on.  Scores come from the full network on the pixel pipeline used in inference.
 
+COVID-19 vs rest gives ``auc``, ``auc_ci``, ``threshold``, ``sensitivity``,
+``specificity`` and ``per_source.<src>.auc`` as for every model.  A three-class model on
+a folder whose ``labels.csv`` has ``label_name`` adds the pneumonia-pattern finding
+(``pneumonia_auc``, ``pneumonia_auc_ci``, its threshold, sensitivity and specificity, and
+``per_source.<src>.pneumonia_auc`` where a source has both normal and pneumonia images),
+one-vs-rest AUCs per class (``class_auc``) and a 3x3 confusion matrix (``confusion_3x3``:
+rows the true class, columns the call at the model's thresholds: COVID-19 where
+P(COVID-19) reaches its threshold, else other pneumonia where the pneumonia pattern
+reaches its own, else normal).  A folder without ``label_name`` is evaluated as before.
+
 Exit codes: 0 done, 1 failure, 2 usage (bad arguments, unknown model, unusable dataset).
 """
 
@@ -26,9 +36,16 @@ from torch import nn
 from db.logs import configure_logging
 from db.session import Database
 from db.settings import Settings, SettingsError, load_settings
-from trainer.checkpoint import CheckpointError, LoadedModel, ModelMeta, load_checkpoint
+from trainer.checkpoint import (
+    THREE_CLASSES,
+    CheckpointError,
+    LoadedModel,
+    ModelMeta,
+    findings,
+    load_checkpoint,
+)
 from trainer.datasets import DatasetError, ImageRecord, describe, folder_records
-from trainer.metrics import evaluate_scores
+from trainer.metrics import delong_ci, evaluate_scores, operating_point, roc_auc
 from trainer.progress import progress
 from trainer.registry import RegistryError, get_model, production_model
 from trainer.splits import Split, split_records
@@ -41,10 +58,19 @@ log = logging.getLogger(__name__)
 def predict_records(model: nn.Module, meta: ModelMeta, records: Sequence[ImageRecord],
                     device: torch.device | str = "cpu", batch_size: int = 32,
                     desc: str = "scoring") -> np.ndarray:
-    """Probabilities for ``records`` from the whole network (as the worker scores)."""
+    """COVID-19 probabilities for ``records`` from the whole network (as the worker)."""
+    return predict_findings_records(model, meta, records, device, batch_size, desc)[0]
+
+
+def predict_findings_records(
+    model: nn.Module, meta: ModelMeta, records: Sequence[ImageRecord],
+    device: torch.device | str = "cpu", batch_size: int = 32, desc: str = "scoring",
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(P(COVID-19), P(pneumonia pattern) or None for a two-class model) per record."""
     dev = torch.device(device)
     model = model.to(dev).eval()
     out: list[np.ndarray] = []
+    pneu: list[np.ndarray] = []
     with progress(len(records), desc, unit="img") as bar:
         for s in range(0, len(records), batch_size):
             chunk = records[s:s + batch_size]
@@ -55,20 +81,75 @@ def predict_records(model: nn.Module, meta: ModelMeta, records: Sequence[ImageRe
                         logits = model(x)
                 else:
                     logits = model(x)
-            out.append(torch.sigmoid(logits.float()).view(-1).cpu().numpy())
+            covid, pattern = findings(logits.float().cpu(), meta)
+            out.append(covid.numpy().astype(np.float64))
+            if pattern is not None:
+                pneu.append(pattern.numpy().astype(np.float64))
             bar.update(len(chunk))
-    return np.concatenate(out) if out else np.zeros(0)
+    covid_all = np.concatenate(out) if out else np.zeros(0)
+    if not meta.has_pneumonia:
+        return covid_all, None
+    return covid_all, (np.concatenate(pneu) if pneu else np.zeros(0))
+
+
+def three_class_metrics(names: Sequence[str | None], covid: np.ndarray, pneu: np.ndarray,
+                        threshold: float, pneumonia_threshold: float,
+                        groups: Sequence[str]) -> dict[str, Any]:
+    """The pneumonia-pattern finding, one-vs-rest AUCs and the 3x3 confusion matrix, on
+    the images whose class is known (``names``: a class name, or None for a bare 0/1)."""
+    known = np.array([n is not None for n in names])
+    truth = np.array([THREE_CLASSES.index(n) if n is not None else -1 for n in names])
+    t, c, p = truth[known], covid[known], pneu[known]
+    g = np.array(list(groups), dtype=object)[known]
+    out: dict[str, Any] = {"n_with_class": int(known.sum())}
+    y_pneu = (t > 0).astype(np.int64)
+    auc, ci = delong_ci(y_pneu, p)
+    out["pneumonia_auc"], out["pneumonia_auc_ci"] = auc, ci
+    out["pneumonia_threshold"] = pneumonia_threshold
+    point = operating_point(y_pneu, p, pneumonia_threshold)
+    out["pneumonia_sensitivity"] = point["sensitivity"]
+    out["pneumonia_specificity"] = point["specificity"]
+    class_scores = {"normal": 1.0 - p, "other_pneumonia": p - c, "covid": c}
+    out["class_auc"] = {name: roc_auc((t == i).astype(np.int64), class_scores[name])
+                        for i, name in enumerate(THREE_CLASSES)}
+    called = np.where(c >= threshold, 2, np.where(p >= pneumonia_threshold, 1, 0))
+    matrix = [[int(((t == i) & (called == j)).sum()) for j in range(3)] for i in range(3)]
+    out["confusion_3x3"] = {"classes": list(THREE_CLASSES), "rows": "true class",
+                            "columns": "call at the thresholds", "matrix": matrix}
+    per: dict[str, dict[str, Any]] = {}
+    for src in sorted({str(x) for x in g}):
+        m = g == src
+        a, aci = delong_ci(y_pneu[m], p[m])
+        if a is not None:
+            per[src] = {"pneumonia_auc": a, "pneumonia_auc_ci": aci}
+        pn = m & (t > 0)
+        b, bci = delong_ci((t[pn] == 2).astype(np.int64), c[pn])
+        if b is not None:
+            per.setdefault(src, {}).update(covid_vs_other_pneumonia_auc=b,
+                                           covid_vs_other_pneumonia_auc_ci=bci)
+    out["per_source"] = per
+    return out
 
 
 def evaluate_records(model: nn.Module, meta: ModelMeta, records: Sequence[ImageRecord],
                      *, target_sensitivity: float | None = None,
                      device: torch.device | str = "cpu") -> tuple[dict[str, Any], np.ndarray]:
     """Every figure (overall and per source) at the model's own threshold, and the scores."""
-    scores = predict_records(model, meta, records, device)
+    scores, pneu = predict_findings_records(model, meta, records, device)
     y = np.array([r.label for r in records], dtype=np.int64)
-    result = evaluate_scores(y, scores, meta.threshold, groups=[r.source for r in records],
+    groups = [r.source for r in records]
+    result = evaluate_scores(y, scores, meta.threshold, groups=groups,
                              target_sensitivity=target_sensitivity)
     result["patients"] = len({r.patient_key for r in records})
+    result["classes"] = list(meta.classes)
+    names = [r.label_name for r in records]
+    if pneu is not None and any(n is not None for n in names):
+        extra = three_class_metrics(names, scores, pneu, meta.threshold,
+                                    meta.pneumonia_threshold
+                                    if meta.pneumonia_threshold is not None else 0.5, groups)
+        for src, figures in extra.pop("per_source").items():
+            result["per_source"].setdefault(src, {}).update(figures)
+        result.update(extra)
     return result, scores
 
 
@@ -155,7 +236,21 @@ def format_text(r: dict[str, Any]) -> str:
             f"  {name:12s} n={s['n']:4d} pos={s['n_positive']:4d} AUC {ci(s['auc'], s['auc_ci'])}"
             f"  sens {ci(s['sensitivity'], s['sensitivity_ci'])}"
             f"  spec {ci(s['specificity'], s['specificity_ci'])}"
+            + (f"  pneumonia AUC {ci(s['pneumonia_auc'], s['pneumonia_auc_ci'])}"
+               if "pneumonia_auc" in s else "")
+            + (f"  COVID vs other pneumonia AUC {ci(s['covid_vs_other_pneumonia_auc'], s['covid_vs_other_pneumonia_auc_ci'])}"  # noqa: E501
+               if "covid_vs_other_pneumonia_auc" in s else "")
         )
+    if "pneumonia_auc" in r:
+        lines.append(
+            f"pneumonia pattern (P(covid) + P(other pneumonia)) AUC "
+            f"{ci(r['pneumonia_auc'], r['pneumonia_auc_ci'])}  threshold "
+            f"{r['pneumonia_threshold']:.4f}: sensitivity {ci(r['pneumonia_sensitivity'], None)}"
+            f"  specificity {ci(r['pneumonia_specificity'], None)}")
+        lines.append("one-vs-rest AUC: " + "  ".join(
+            f"{k} {ci(v, None)}" for k, v in r["class_auc"].items()))
+        lines.append("confusion (rows true normal / other pneumonia / covid, columns call): "
+                     + str(r["confusion_3x3"]["matrix"]))
     lines.append("threshold  sensitivity  specificity")
     for row in r["threshold_table"]:
         sens = "n/a" if row["sensitivity"] is None else f"{row['sensitivity']:.3f}"

@@ -1,7 +1,7 @@
 """Where the model looked: Grad-CAM and occlusion sensitivity, at the source resolution.
 
 - Grad-CAM (default) weights the last convolutional block's activations by the mean
-  gradient of the logit: one forward and one backward pass.
+  gradient of the COVID-19 logit: one forward and one backward pass.
 - Occlusion sensitivity, as in Deep-COVID: an N x N patch of the normalised mean is slid
   with stride S over the letterboxed image and the drop in probability is recorded.  The
   occluded copies go through the network in batches (``occlusion_batch``), and windows
@@ -24,7 +24,7 @@ from db.atomic import write_atomically
 from db.settings import Settings
 from dicom_node.pixels import Letterbox
 from trainer.architectures import gradcam_layer
-from trainer.checkpoint import LoadedModel, resolve_device
+from trainer.checkpoint import LoadedModel, findings, resolve_device
 from trainer.scoring import autocast_dtype, gpu_memory_is_transient
 from trainer.transforms import prepare_batch
 
@@ -58,7 +58,16 @@ def gradcam_batch(
 def gradcam_and_probabilities(
     loaded: LoadedModel, images01: list[np.ndarray], device: str | torch.device | None = None
 ) -> tuple[list[np.ndarray], np.ndarray]:
-    """Grad-CAM maps and the model's probabilities from the same forward pass.
+    """Grad-CAM maps and the model's COVID-19 probabilities from the same forward pass."""
+    maps, covid, _ = gradcam_and_findings(loaded, images01, device)
+    return maps, covid
+
+
+def gradcam_and_findings(
+    loaded: LoadedModel, images01: list[np.ndarray], device: str | torch.device | None = None
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray | None]:
+    """Grad-CAM maps of the COVID-19 logit, P(COVID-19) and P(pneumonia pattern) (None for
+    a two-class model), from the same forward pass.
 
     The worker scores and explains a study with one forward and one backward pass instead
     of a scoring pass followed by a Grad-CAM pass.  The forward runs in float32 without
@@ -78,17 +87,20 @@ def gradcam_and_probabilities(
     try:
         with gpu_memory_is_transient(), torch.inference_mode(False), torch.enable_grad():
             model.eval()
-            logits = model(x).reshape(-1)
+            out = model(x).reshape(x.shape[0], -1)
+            target = out[:, meta.classes.index("covid")] if meta.outputs > 1 else out[:, 0]
             act = captured["act"]
-            (grads,) = torch.autograd.grad(logits.sum(), act)
+            (grads,) = torch.autograd.grad(target.sum(), act)
             weights = grads.float().mean(dim=(2, 3), keepdim=True)
             cam = F.relu((weights * act.float()).sum(dim=1, keepdim=True))
             cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
             maps = cam[:, 0].detach().cpu().numpy()
-            probs = torch.sigmoid(logits.detach().float()).cpu().numpy().astype(np.float64)
+            covid, pneu = findings(out.detach().float().cpu(), meta)
     finally:
         handle.remove()
-    return [_to_source(_unit(m), box) for m, box in zip(maps, boxes, strict=True)], probs
+    return ([_to_source(_unit(m), box) for m, box in zip(maps, boxes, strict=True)],
+            covid.numpy().astype(np.float64),
+            None if pneu is None else pneu.numpy().astype(np.float64))
 
 
 def gradcam(
@@ -131,8 +143,8 @@ def occlusion(
         t = t.contiguous(memory_format=memory_format)
         if amp is not None:
             with torch.autocast(dev.type, dtype=amp):
-                return torch.sigmoid(model(t).float().reshape(-1))
-        return torch.sigmoid(model(t).float().reshape(-1))
+                return findings(model(t).float(), loaded.meta)[0]
+        return findings(model(t).float(), loaded.meta)[0]
 
     drops = torch.zeros(len(windows), dtype=torch.float32)
     with gpu_memory_is_transient(), torch.inference_mode():

@@ -2,11 +2,15 @@
 
 File format (header row required, UTF-8, comma separated)::
 
-    study_uid,accession_number,label,source,date
+    study_uid,accession_number,label,source,date[,label_name]
 
 - ``study_uid`` or ``accession_number``: at least one; the study must already have been
   received.  Where both are given they must name the same study.
 - ``label``: ``1``/``0``, ``covid``/``not-covid``, ``positive``/``negative`` (any case).
+- ``label_name`` (optional column): ``normal``, ``other_pneumonia`` or ``covid``.  Where
+  given, ``label`` may be empty; where both are given they must agree (covid is 1).  A
+  study with only ``label`` 0 is "not COVID-19": it trains the COVID-19 objective of the
+  three-class model and not the pneumonia one.
 - ``source``: the source of truth, e.g. ``RT-PCR`` or ``radiologist`` (required).
 - ``date``: when the truth was established, ISO ``YYYY-MM-DD`` (may be empty).
 
@@ -51,6 +55,7 @@ _PG_LOCK_KEY = 0x6378_6C61  # "cxla"
 _LOCK_FILE = ".labels-import.lock"
 POSITIVE = frozenset({"1", "covid", "covid-19", "positive", "pos"})
 NEGATIVE = frozenset({"0", "not-covid", "not covid", "non-covid", "negative", "neg"})
+LABEL_NAMES = ("normal", "other_pneumonia", "covid")
 
 
 class LabelFileError(ValueError):
@@ -104,6 +109,10 @@ class _Row:
     label: int
     source: str
     label_date: str | None
+    label_name: str | None = None
+
+    def truth(self) -> tuple[int, str | None, str, str | None]:
+        return (self.label, self.label_name, self.source, self.label_date)
 
 
 def parse_label(text: str) -> int:
@@ -115,22 +124,47 @@ def parse_label(text: str) -> int:
     raise ValueError(f"label {text!r} is not one of 1/0, covid/not-covid, positive/negative")
 
 
+def parse_label_name(text: str) -> str | None:
+    """``normal``, ``other_pneumonia`` or ``covid`` (any case; ``other-pneumonia`` too);
+    None for an empty cell."""
+    value = text.strip().lower().replace("-", "_").replace(" ", "_")
+    if not value:
+        return None
+    if value not in LABEL_NAMES:
+        raise ValueError(f"label_name {text!r} is not one of {', '.join(LABEL_NAMES)}")
+    return value
+
+
+def reconcile(label: int | None, name: str | None) -> int:
+    """The 0/1 COVID-19 label from a label, a label name or both (which must agree)."""
+    if name is None:
+        if label is None:
+            raise ValueError("neither label nor label_name given")
+        return label
+    implied = int(name == "covid")
+    if label is not None and label != implied:
+        raise ValueError(f"label {label} disagrees with label_name {name!r}")
+    return implied
+
+
 def _parse_row(line: int, raw: dict[str, str | None]) -> _Row:
     def cell(name: str) -> str:
         return (raw.get(name) or "").strip()
 
     if None in raw:  # surplus cells are filed under the None key
         raise ValueError("more cells than header columns")
-    for name, value in raw.items():
+    for column, value in raw.items():
         bad = next((ch for ch in value or "" if _is_control(ch)), None)
         if bad is not None:
-            raise ValueError(f"{name} holds the control character U+{ord(bad):04X}")
+            raise ValueError(f"{column} holds the control character U+{ord(bad):04X}")
     study_uid, accession = cell("study_uid"), cell("accession_number")
     if not study_uid and not accession:
         raise ValueError("neither study_uid nor accession_number given")
     if len(study_uid) > 64 or len(accession) > 64:
         raise ValueError("study_uid or accession_number longer than 64 characters")
-    label = parse_label(cell("label"))
+    name = parse_label_name(cell("label_name"))
+    label = reconcile(parse_label(cell("label")) if cell("label") or name is None else None,
+                      name)
     source = cell("source")
     if not source:
         raise ValueError("source of truth is empty")
@@ -142,7 +176,7 @@ def _parse_row(line: int, raw: dict[str, str | None]) -> _Row:
             when = date.fromisoformat(when).isoformat()
         except ValueError as exc:
             raise ValueError(f"date {when!r} is not an ISO date YYYY-MM-DD") from exc
-    return _Row(line, study_uid, accession, label, source, when or None)
+    return _Row(line, study_uid, accession, label, source, when or None, name)
 
 
 def _is_control(ch: str) -> bool:
@@ -178,7 +212,7 @@ def _apply(s: Session, study: Study, row: _Row, report: ImportReport) -> None:
     ).all()
     same = [
         c for c in current
-        if (c.label, c.truth_source, c.label_date) == (row.label, row.source, row.label_date)
+        if (c.label, c.label_name, c.truth_source, c.label_date) == row.truth()
     ]
     if same and len(current) == 1:
         report.unchanged += 1
@@ -187,8 +221,9 @@ def _apply(s: Session, study: Study, row: _Row, report: ImportReport) -> None:
     for old in current:
         old.current = False
         old.superseded_at = now
-    s.add(Label(study_id=study.id, label=row.label, truth_source=row.source,
-                label_date=row.label_date, imported_at=now, current=True))
+    s.add(Label(study_id=study.id, label=row.label, label_name=row.label_name,
+                truth_source=row.source, label_date=row.label_date, imported_at=now,
+                current=True))
     if current:
         report.changed += 1
         log.info("label changed study_uid=%s line=%d", study.study_uid, row.line)
@@ -209,11 +244,13 @@ def read_rows(path: Path, report: ImportReport) -> list[_Row]:
         header = [h.strip() for h in next(records, [])]
     except csv.Error as exc:
         raise LabelFileError(f"label file {path}: {exc}") from exc
-    needed = {"label", "source", "date"}
-    if not needed <= set(header) or not {"study_uid", "accession_number"} & set(header):
+    needed = {"source", "date"}
+    if (not needed <= set(header) or not {"study_uid", "accession_number"} & set(header)
+            or not {"label", "label_name"} & set(header)):
         raise LabelFileError(
             f"label file {path} must have the header {','.join(COLUMNS)} "
-            f"(study_uid or accession_number may be left out); found {','.join(header)}"
+            f"(study_uid or accession_number may be left out; label_name may stand for label)"
+            f"; found {','.join(header)}"
         )
     rows: list[_Row] = []
     line = 1
@@ -300,9 +337,7 @@ def _import_batch(db: Database, rows: list[_Row], seen: dict[int, _Row],
                 continue
             earlier = seen.get(study.id)
             if earlier is not None:
-                if (earlier.label, earlier.source, earlier.label_date) != (
-                    row.label, row.source, row.label_date
-                ):
+                if earlier.truth() != row.truth():
                     report.errors.append(RowError(
                         row.line, f"conflicts with line {earlier.line} for the same study"
                     ))
@@ -327,5 +362,8 @@ __all__ = [
     "RowError",
     "current_labels",
     "import_labels",
+    "LABEL_NAMES",
     "parse_label",
+    "parse_label_name",
+    "reconcile",
 ]

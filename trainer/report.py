@@ -164,6 +164,44 @@ def _per_source_table(models: Sequence[ModelScores]) -> str:
             "<th>sensitivity</th><th>specificity</th></tr>" + "".join(rows) + "</table>")
 
 
+def _three_class_table(models: Sequence[ModelScores]) -> str:
+    """The pneumonia-pattern finding, one-vs-rest AUCs and the 3x3 confusion matrix of the
+    three-class models (empty where none has them)."""
+    parts = []
+    for m in models:
+        r = m.metrics
+        if "pneumonia_auc" not in r:
+            continue
+        rows = [f"<tr><td>pneumonia pattern AUC</td>"
+                f"<td>{_fmt(r['pneumonia_auc'], r.get('pneumonia_auc_ci'))}</td></tr>",
+                f"<tr><td>pneumonia threshold</td><td>{_fmt(r.get('pneumonia_threshold'))}"
+                f"</td></tr>",
+                f"<tr><td>pneumonia sensitivity / specificity</td>"
+                f"<td>{_fmt(r.get('pneumonia_sensitivity'))} / "
+                f"{_fmt(r.get('pneumonia_specificity'))}</td></tr>"]
+        rows += [f"<tr><td>one-vs-rest AUC: {html.escape(k)}</td><td>{_fmt(v)}</td></tr>"
+                 for k, v in (r.get("class_auc") or {}).items()]
+        for src, s in (r.get("per_source") or {}).items():
+            if "pneumonia_auc" in s:
+                rows.append(f"<tr><td>{html.escape(src)}: pneumonia vs normal AUC</td>"
+                            f"<td>{_fmt(s['pneumonia_auc'], s.get('pneumonia_auc_ci'))}</td></tr>")
+            if "covid_vs_other_pneumonia_auc" in s:
+                value = _fmt(s["covid_vs_other_pneumonia_auc"],
+                             s.get("covid_vs_other_pneumonia_auc_ci"))
+                rows.append(f"<tr><td>{html.escape(src)}: COVID-19 vs other pneumonia AUC</td>"
+                            f"<td>{value}</td></tr>")
+        cm = r["confusion_3x3"]
+        head = "".join(f"<th>call {html.escape(c)}</th>" for c in cm["classes"])
+        body = "".join(
+            f"<tr><th>true {html.escape(c)}</th>" + "".join(f"<td>{v}</td>" for v in row)
+            + "</tr>" for c, row in zip(cm["classes"], cm["matrix"], strict=True))
+        parts.append(f"<h3>{html.escape(m.name)}</h3><table>{''.join(rows)}</table>"
+                     f"<table><tr><th></th>{head}</tr>{body}</table>")
+    if not parts:
+        return ""
+    return "<h2>Three classes: pneumonia pattern and COVID-19</h2>" + "".join(parts)
+
+
 def _threshold_table(m: ModelScores) -> str:
     rows = "".join(
         f"<tr><td>{r['threshold']:.1f}</td><td>{_fmt(r['sensitivity'], r['sensitivity_ci'])}"
@@ -224,6 +262,7 @@ def write_report(out_dir: Path, title: str, models: Sequence[ModelScores], *,
     if scored:
         parts.append("<h2>Test patients</h2>" + _metrics_table(scored))
         parts.append("<h2>Per source</h2>" + _per_source_table(scored))
+        parts.append(_three_class_table(scored))
         parts += [_threshold_table(m) for m in scored]
         parts.append("<h2>Plots</h2>" + "".join(
             f"<img src='{html.escape(i)}' alt='{html.escape(i)}'>" for i in images))

@@ -323,6 +323,8 @@ def summary_table(settings: Settings, run_id: int, champion: ModelInfo | None,
             "images left out as unreadable": len(gathered.unreadable),
             "challenger on test (95% intervals)": test_summary,
             "validation AUC": result.val_metrics.get("auc"),
+            "validation pneumonia-pattern AUC": result.val_metrics.get("pneumonia_auc"),
+            "pneumonia-pattern threshold": meta.pneumonia_threshold,
             "threshold (validation, target sensitivity "
             f"{settings.target_sensitivity})": meta.threshold,
             "training time (s)": round(time.perf_counter() - started, 1)}

@@ -19,7 +19,7 @@ import torch
 
 from db.errors import TransientError
 from dicom_node.pixels import load_image_file
-from trainer.checkpoint import LoadedModel, resolve_device
+from trainer.checkpoint import LoadedModel, findings, resolve_device
 from trainer.transforms import to_tensor_batch
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class Scorer:
         return to_tensor_batch(images01, self.meta)
 
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
-        """Raw logits (float32, on CPU) of an already prepared N x 3 x S x S batch."""
+        """Raw logits (float32, on CPU, N x outputs) of a prepared N x 3 x S x S batch."""
         with gpu_memory_is_transient(), torch.inference_mode():
             x = batch.to(self.device, non_blocking=True).contiguous(
                 memory_format=self.memory_format
@@ -73,15 +73,25 @@ class Scorer:
                     out = self.model(x)
             else:
                 out = self.model(x)
-            logits: torch.Tensor = out.float().reshape(-1).cpu()
+            logits: torch.Tensor = out.float().reshape(out.shape[0], -1).cpu()
             return logits
 
     def predict(self, batch: Sequence[np.ndarray] | torch.Tensor) -> np.ndarray:
-        """Probabilities (float64, one per image) from images in [0, 1] or a prepared batch."""
+        """COVID-19 probabilities (float64, one per image) from images in [0, 1] or a
+        prepared batch."""
+        return self.predict_findings(batch)[0]
+
+    def predict_findings(self, batch: Sequence[np.ndarray] | torch.Tensor,
+                         ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(P(COVID-19), P(pneumonia pattern)) per image; the second is None for a
+        two-class model."""
         if len(batch) == 0:
-            return np.zeros(0, dtype=np.float64)
+            empty = np.zeros(0, dtype=np.float64)
+            return empty, (empty.copy() if self.meta.has_pneumonia else None)
         tensor = batch if isinstance(batch, torch.Tensor) else self.prepare(batch)
-        return torch.sigmoid(self.logits(tensor)).double().numpy()
+        covid, pneu = findings(self.logits(tensor), self.meta)
+        return (covid.double().numpy(),
+                None if pneu is None else pneu.double().numpy())
 
     def predict_files(self, paths: Sequence[Path], pool: ThreadPoolExecutor | None = None,
                       ) -> np.ndarray:

@@ -249,18 +249,21 @@ def score_images(images: list[ImageResult], model: LoadedProductionModel,
     t0 = time.perf_counter()
     if settings.heatmap_method == "gradcam":
         # One forward + backward gives both the probabilities and the maps.
-        from trainer.heatmaps import gradcam_and_probabilities
+        from trainer.heatmaps import gradcam_and_findings
 
-        maps, probs = gradcam_and_probabilities(model.loaded, pixels, model.device)  # type: ignore[arg-type]
+        maps, probs, pneu = gradcam_and_findings(model.loaded, pixels, model.device)  # type: ignore[arg-type]
         forward_s, heatmap_s = 0.0, time.perf_counter() - t0
     else:
-        probs = np.asarray(model.scorer.predict(pixels), dtype=np.float64).reshape(-1)
+        probs, pneu = model.scorer.predict_findings(pixels)
+        probs = np.asarray(probs, dtype=np.float64).reshape(-1)
         forward_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         maps = compute_heatmaps(pixels, model, settings)  # type: ignore[arg-type]
         heatmap_s = time.perf_counter() - t1
-    for img, p, heat in zip(scored, probs, maps, strict=True):
+    pattern = [None] * len(scored) if pneu is None else [float(v) for v in pneu]
+    for img, p, pp, heat in zip(scored, probs, pattern, maps, strict=True):
         img.probability = float(p)
+        img.pneumonia_probability = pp
         img.timings["forward_s"] = forward_s / len(scored)
         img.timings["heatmap_s"] = heatmap_s / len(scored)
         img.heatmap = heat
@@ -277,13 +280,21 @@ def compute_heatmaps(images01: list[np.ndarray], model: LoadedProductionModel,
     return [heatmaps.compute(model.loaded, img, settings, model.device) for img in images01]
 
 
-def summarise(images: list[ImageResult], threshold: float) -> StudyResult:
-    """Study probability is the max over scored images; nothing scored means skipped, or
-    failed where the only reason was bad input."""
+def summarise(images: list[ImageResult], threshold: float,
+              pneumonia_threshold: float | None = None) -> StudyResult:
+    """Study probability is the max over scored images (each finding on its own, at its
+    own threshold); nothing scored means skipped, or failed where the only reason was bad
+    input."""
     scored = [i for i in images if i.scored and i.probability is not None]
     if scored:
         prob = max(float(i.probability) for i in scored)  # type: ignore[arg-type]
-        return StudyResult(StudyState.DONE, None, images, prob, prob >= threshold)
+        result = StudyResult(StudyState.DONE, None, images, prob, prob >= threshold)
+        pattern = [i.pneumonia_probability for i in scored if i.pneumonia_probability is not None]
+        if pattern and pneumonia_threshold is not None:
+            result.pneumonia_probability = max(pattern)
+            result.pneumonia_positive = result.pneumonia_probability >= pneumonia_threshold
+            result.pneumonia_threshold = pneumonia_threshold
+        return result
     reasons = sorted({i.skip_reason or "not selected" for i in images})
     if not images:
         return StudyResult(StudyState.SKIPPED, "study has no instances", images)
@@ -299,7 +310,7 @@ def compute(claim_: Claim, model: LoadedProductionModel, settings: Settings) -> 
     images = select_images(claim_.instances, headers, settings)
     load_pixels(images)
     score_images(images, model, settings, claim_.study_uid)
-    result = summarise(images, model.info.threshold)
+    result = summarise(images, model.info.threshold, model.loaded.meta.pneumonia_threshold)
     result.timings["total_s"] = time.perf_counter() - t0
     return result
 
@@ -334,6 +345,9 @@ def finish(
                 generation=claim_.generation, state=AnalysisState(result.state.value),
                 reason=result.reason, probability=result.probability,
                 positive=result.positive, threshold=claim_.model.threshold,
+                pneumonia_probability=result.pneumonia_probability,
+                pneumonia_positive=result.pneumonia_positive,
+                pneumonia_threshold=result.pneumonia_threshold,
                 heatmap_method=settings.heatmap_method, started_at=now,
                 finished_at=utcnow(), timings=dict(result.timings),
                 sr_sop_instance_uid=sr_uid,
@@ -344,6 +358,7 @@ def finish(
                 s.add(Prediction(
                     analysis_id=analysis.id, instance_id=img.instance.id, scored=img.scored,
                     probability=img.probability,
+                    pneumonia_probability=img.pneumonia_probability,
                     heatmap_path=str(img.heatmap_path) if img.heatmap_path else None,
                     skip_reason=img.skip_reason, timings=dict(img.timings),
                 ))
@@ -359,9 +374,10 @@ def finish(
                        "analysis stored by another worker")
     log.info(
         "study analysed study_uid=%s generation=%s state=%s model=%s probability=%s "
-        "method=%s reason=%s",
+        "pneumonia_probability=%s method=%s reason=%s",
         claim_.study_uid, claim_.generation, outcome.status, claim_.model.version,
         None if result.probability is None else round(result.probability, 4),
+        None if result.pneumonia_probability is None else round(result.pneumonia_probability, 4),
         settings.heatmap_method, result.reason,
     )
     return outcome

@@ -63,6 +63,7 @@ def model_info(model: LoadedProductionModel, settings: Settings) -> OutputModel:
         name=MODEL_NAME, version=info.version, sha256=info.sha256,
         architecture=info.architecture, threshold=info.threshold,
         heatmap_method=settings.heatmap_method, manufacturer=settings.manufacturer,
+        pneumonia_threshold=model.loaded.meta.pneumonia_threshold,
     )
 
 
@@ -123,12 +124,15 @@ def write_outputs(
         return [OutputFile("sr", str(sr.SOPInstanceUID), path)], str(sr.SOPInstanceUID)
     scored = [
         ScoredImage(source=i.header, probability=float(i.probability),
-                    heatmap=i.heatmap, image01=i.image)  # type: ignore[arg-type]
+                    heatmap=i.heatmap, image01=i.image,  # type: ignore[arg-type]
+                    pneumonia_probability=i.pneumonia_probability)
         for i in result.images if i.scored and i.probability is not None
     ]
     analysis = AnalysisResult(
         study_probability=float(result.probability),  # type: ignore[arg-type]
         positive=bool(result.positive), scored=scored, model=minfo, predecessor=predecessor,
+        pneumonia_probability=result.pneumonia_probability,
+        pneumonia_positive=result.pneumonia_positive,
     )
     sr = build_sr(analysis, institution)
     outputs.append(OutputFile("sr", str(sr.SOPInstanceUID), write_dataset(sr, folder)))

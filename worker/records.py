@@ -58,6 +58,7 @@ class ImageResult:
     skip_reason: str | None = None
     bad_input: bool = False
     probability: float | None = None
+    pneumonia_probability: float | None = None  # three-class models only
     heatmap_path: Path | None = None
     image: np.ndarray | None = None
     heatmap: np.ndarray | None = None
@@ -74,4 +75,7 @@ class StudyResult:
     images: list[ImageResult]
     probability: float | None = None
     positive: bool | None = None
+    pneumonia_probability: float | None = None  # three-class models only
+    pneumonia_positive: bool | None = None
+    pneumonia_threshold: float | None = None
     timings: dict[str, float] = field(default_factory=dict)

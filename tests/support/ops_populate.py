@@ -81,11 +81,13 @@ def populate(db: Database, data_dir: Path) -> Populated:
         analysis = Analysis(study_id=done.id, model_version_id=model.id, generation=1,
                             state=AnalysisState.DONE, probability=0.87, positive=True,
                             threshold=0.42, heatmap_method="gradcam", finished_at=now,
+                            pneumonia_probability=0.91, pneumonia_positive=True,
+                            pneumonia_threshold=0.5,
                             timings={"queue_wait_s": 1.5, "inference_s": 0.8})
         s.add(analysis)
         s.flush()
         s.add(Prediction(analysis_id=analysis.id, instance_id=insts[0].id, probability=0.87,
-                         heatmap_path=str(heatmap)))
+                         pneumonia_probability=0.91, heatmap_path=str(heatmap)))
         s.add(Prediction(analysis_id=analysis.id, instance_id=insts[1].id, scored=False,
                          skip_reason="lateral view"))
         s.add(Delivery(analysis_id=analysis.id, study_id=done.id, kind="sr",

@@ -63,13 +63,14 @@ def _heatmaps(s: Session, analysis_ids: list[int]) -> dict[int, list[dict[str, A
         return out
     rows = s.execute(
         select(Prediction.analysis_id, Prediction.id, Prediction.heatmap_path,
-               Prediction.probability)
+               Prediction.probability, Prediction.pneumonia_probability)
         .where(Prediction.analysis_id.in_(analysis_ids), Prediction.heatmap_path.is_not(None))
         .order_by(Prediction.id)
     ).all()
-    for aid, pid, path, prob in rows:
+    for aid, pid, path, prob, pneu in rows:
         out.setdefault(aid, []).append(
-            {"prediction_id": pid, "path": str(path), "probability": prob})
+            {"prediction_id": pid, "path": str(path), "probability": prob,
+             "pneumonia_probability": pneu})
     return out
 
 
@@ -95,6 +96,9 @@ def prediction_dict(a: Analysis | None) -> dict[str, Any] | None:
         "probability": a.probability,
         "positive": a.positive,
         "threshold": a.threshold,
+        "pneumonia_probability": a.pneumonia_probability,
+        "pneumonia_positive": a.pneumonia_positive,
+        "pneumonia_threshold": a.pneumonia_threshold,
         "model_version": a.model_version.version if a.model_version is not None else None,
         "heatmap_method": a.heatmap_method,
         "reason": a.reason,
@@ -142,6 +146,10 @@ def list_studies(s: Session, query: StatusQuery = StatusQuery()) -> list[dict[st
                 # The latest call, at the top level where operators' scripts read it ...
                 "probability": analysis.probability if analysis is not None else None,
                 "positive": analysis.positive if analysis is not None else None,
+                "pneumonia_probability": (analysis.pneumonia_probability
+                                          if analysis is not None else None),
+                "pneumonia_positive": (analysis.pneumonia_positive
+                                       if analysis is not None else None),
                 "model_version": (analysis.model_version.version if analysis is not None
                                   and analysis.model_version is not None else None),
                 "heatmap_method": analysis.heatmap_method if analysis is not None else None,

@@ -138,6 +138,10 @@ def render_page(data: PageData) -> str:
         call_html = ("–" if call is None else
                      '<span class="call-positive">POSITIVE</span>' if call else
                      '<span class="call-negative">negative</span>')
+        pcall = pred.get("pneumonia_positive")
+        pneu_html = ("–" if pcall is None else
+                     '<span class="call-positive">POSITIVE</span>' if pcall else
+                     '<span class="call-negative">negative</span>')
         thumbs = "".join(
             f'<img class="heatmap" alt="heatmap {h["prediction_id"]}" '
             f'src="/overlay/{h["prediction_id"]}.png?px={THUMBNAIL_PX}">'
@@ -155,10 +159,11 @@ def render_page(data: PageData) -> str:
             f"<td class=\"state-{_e(st['state'])}\">{_e(st['state'])}</td>"
             f"<td>{st['instances']}</td><td>{_e((st['received_at'] or '')[:19])}</td>"
             f"<td>{_prob(pred.get('probability'))}</td><td>{call_html}</td>"
+            f"<td>{_prob(pred.get('pneumonia_probability'))}</td><td>{pneu_html}</td>"
             f"<td>{_e(pred.get('model_version') or '–')}</td><td>{thumbs}</td>"
             f"<td>{deliveries}</td><td>{_e(st['reason'] or '')}</td></tr>"
         )
-    studies_html = "\n".join(rows) or '<tr><td colspan="10">No studies received yet.</td></tr>'
+    studies_html = "\n".join(rows) or '<tr><td colspan="12">No studies received yet.</td></tr>'
     model_rows = []
     for m in data.models:
         ev = m["last_evaluation"] or {}
@@ -189,7 +194,8 @@ def render_page(data: PageData) -> str:
 <h2>Studies</h2>
 {render_list_controls(data.query, len(data.status["studies"]), data.total)}
 <table id="studies"><thead><tr><th>Study UID</th><th>State</th><th>Images</th>
-<th>Received (UTC)</th><th>Probability</th><th>Call</th><th>Model</th><th>Heatmap</th>
+<th>Received (UTC)</th><th>COVID-19 probability</th><th>Call</th>
+<th>Pneumonia pattern</th><th>Call</th><th>Model</th><th>Heatmap</th>
 <th>Delivery</th><th>Reason</th></tr></thead>
 <tbody>
 {studies_html}
