@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from db.logs import LINE, LINE_WITH_PID, configure_logging
 from db.settings import SettingsError, load_settings
 
 
@@ -67,11 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"configuration error: {exc}")
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
+    configure_logging(
+        settings.log_level,
         # Several listener processes share one log: each line names its process.
-        format="%(asctime)s %(levelname)s %(name)s %(message)s" if settings.listener_processes
-        == 1 else "%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s",
+        LINE if settings.listener_processes == 1 else LINE_WITH_PID,
     )
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         die_with_parent()
     node = start_node(settings, run_stability=not args.no_stability,
                       supervised=args.listener_child)
-    from dicom_node import metrics
+    from db import metrics
 
     if not args.listener_child:  # a supervisor serves the metrics of all its children
         metrics.serve(settings.metrics_port)

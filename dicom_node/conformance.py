@@ -27,7 +27,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import validate_value
 
-from dicom_node.errors import BadInputError
+from db.errors import BadInputError
 
 log = logging.getLogger(__name__)
 

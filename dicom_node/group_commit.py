@@ -28,9 +28,9 @@ from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from db.atomic import fsync_dir
 from db.session import Database
 from dicom_node import ingest, spool
-from dicom_node.atomic import fsync_dir
 
 log = logging.getLogger(__name__)
 

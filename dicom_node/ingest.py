@@ -25,10 +25,11 @@ from pydicom.uid import UID
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from db import lifecycle
+from db.errors import BadInputError, TransientError
 from db.models import Instance, Study, StudyState, utcnow
 from db.session import Database
 from dicom_node import spool
-from dicom_node.errors import BadInputError, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +221,7 @@ def _upsert_study(session: Any, header: Header, now: datetime) -> tuple[Study, s
     if study is None:
         study = Study(
             study_uid=header.study_uid,
-            state=StudyState.RECEIVING,
+            state=lifecycle.STUDY_INITIAL,
             patient_id=header.patient_id,
             accession_number=header.accession_number,
             received_at=now,
@@ -233,13 +234,7 @@ def _upsert_study(session: Any, header: Header, now: datetime) -> tuple[Study, s
         return study, "created"
     event: str | None = None
     if study.state != StudyState.RECEIVING:
-        previous = study.state
-        study.state = StudyState.RECEIVING
-        study.generation = study.generation + 1
-        study.published_at = None
-        study.queued_at = None
-        study.reason = None
-        event = f"reopened from {previous}"
+        event = f"reopened from {lifecycle.reopen_study(study)}"
     if header.patient_id and not study.patient_id:
         study.patient_id = header.patient_id
     if header.accession_number and not study.accession_number:

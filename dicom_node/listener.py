@@ -36,16 +36,19 @@ from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from db import metrics
+from db.errors import TransientError
 from db.session import Database
 from db.settings import Settings
-from dicom_node import ingest, metrics, reactor, spool, store_checks
-from dicom_node.errors import TransientError
+from dicom_node import ingest, reactor, socket_fix, spool, store_checks
 from dicom_node.group_commit import GroupCommitter
 from dicom_node.publisher import CeleryPublisher, Publisher
 from dicom_node.reuseport import start_reuseport_server
 from dicom_node.stability import StabilityLoop
 
 log = logging.getLogger(__name__)
+
+socket_fix.install()  # a peer that dies mid-association must not leak its socket
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700

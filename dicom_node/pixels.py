@@ -34,7 +34,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels.processing import apply_modality_lut, apply_voi
 from pydicom.uid import JPEGBaseline8Bit
 
-from dicom_node.errors import (
+from db.errors import (
     MissingPixelDataError,
     MultiFrameError,
     UndecodablePixelsError,

@@ -29,7 +29,7 @@ from dicom_node.conformance import (
     restore_source_text,
     sanitise_source,
 )
-from dicom_node.results import ModelInfo, ScoredImage
+from dicom_node.results import OutputModel, ScoredImage
 from dicom_node.sr import contributing_equipment, hotspot
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ GSPS_SERIES_DESCRIPTION = "AI HOTSPOT - NOT FOR DIAGNOSTIC USE"
 KOS_SERIES_DESCRIPTION = "AI FLAG - NOT FOR DIAGNOSTIC USE"
 
 
-def build_hotspot_gsps(scored: ScoredImage, model: ModelInfo,
+def build_hotspot_gsps(scored: ScoredImage, model: OutputModel,
                        institution_name: str | None = None) -> Dataset | None:
     """A presentation state drawing the hotspot over the source, or None without one."""
     point = hotspot(scored.heatmap)
@@ -109,7 +109,7 @@ def build_hotspot_gsps(scored: ScoredImage, model: ModelInfo,
     return gsps
 
 
-def build_positive_kos(sources: Sequence[Dataset], model: ModelInfo,
+def build_positive_kos(sources: Sequence[Dataset], model: OutputModel,
                        institution_name: str | None = None) -> Dataset:
     """A Key Object Selection flagging the scored images of a positive study."""
     if not sources:

@@ -8,13 +8,16 @@ only delays the next tick.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Protocol
 
 from celery import Celery
+from sqlalchemy.orm import Session
 
+from db import lifecycle
 from db.broker import ANALYSE_TASK, make_celery
+from db.errors import TransientError
 from db.settings import Settings
-from dicom_node.errors import TransientError
 
 
 class PublishError(TransientError):
@@ -45,6 +48,34 @@ def make_celery_transport_options(settings: Settings) -> dict[str, Any]:
     from db.broker import celery_config
 
     return dict(celery_config(settings)["broker_transport_options"])
+
+
+def publish_analysis(s: Session, publisher: Publisher, study_id: int, generation: int,
+                     now: datetime) -> None:
+    """Send the analyse message of one study generation and record that it went: the one
+    way to publish an analysis, used by the stability loop and the reconciler alike.
+    Raises :class:`PublishError` (nothing recorded) when the broker does not take it."""
+    publisher.publish(study_id, generation)
+    lifecycle.mark_published(s, study_id, generation, now)
+
+
+class AppPublisher:
+    """A :class:`Publisher` over an existing Celery app (the worker's, in the reconciler)."""
+
+    def __init__(self, app: Celery, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    def publish(self, study_id: int, generation: int) -> None:
+        try:
+            self.app.send_task(ANALYSE_TASK, args=[study_id, generation],
+                               queue=self.settings.inference_queue)
+        except Exception as exc:  # kombu raises a family of connection errors
+            raise PublishError(f"broker did not accept {ANALYSE_TASK} for study {study_id}: "
+                               f"{type(exc).__name__}: {exc}") from exc
+
+    def close(self) -> None:
+        """The app belongs to its owner, which closes it."""
 
 
 class CeleryPublisher:

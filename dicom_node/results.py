@@ -15,13 +15,13 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from db import paths
-from dicom_node.atomic import write_atomically
+from db.atomic import write_atomically
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ModelInfo:
+class OutputModel:
     """The model that produced a result, as recorded in every output object."""
 
     name: str
@@ -93,7 +93,7 @@ class AnalysisResult:
     study_probability: float
     positive: bool
     scored: list[ScoredImage]
-    model: ModelInfo
+    model: OutputModel
     predecessor: PredecessorRef | None = None
     not_analysed_reason: str | None = None
     extra_findings: tuple[Finding, ...] = ()
@@ -125,7 +125,7 @@ __all__ = [
     "AnalysisResult",
     "Finding",
     "FindingConcept",
-    "ModelInfo",
+    "OutputModel",
     "PredecessorRef",
     "ScoredImage",
     "write_dataset",

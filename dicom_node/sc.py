@@ -24,7 +24,7 @@ from dicom_node.conformance import (
     restore_source_text,
     sanitise_source,
 )
-from dicom_node.results import ModelInfo, ScoredImage
+from dicom_node.results import OutputModel, ScoredImage
 from dicom_node.sr import contributing_equipment
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def _instance_number(header: Dataset) -> int:
     return number if number > 0 else 1
 
 
-def build_heatmap_sc(scored: ScoredImage, model: ModelInfo, max_side: int = MAX_SIDE,
+def build_heatmap_sc(scored: ScoredImage, model: OutputModel, max_side: int = MAX_SIDE,
                      institution_name: str | None = None) -> Dataset:
     """The Secondary Capture of one scored image's heatmap over the radiograph."""
     header = sanitise_source(scored.source)

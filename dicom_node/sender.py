@@ -54,10 +54,13 @@ from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.status import code_to_category
 
+from db.errors import BadInputError
 from db.settings import Destination
-from dicom_node.errors import BadInputError
+from dicom_node import socket_fix
 
 log = logging.getLogger(__name__)
+
+socket_fix.install()  # refused associations must not leak their socket
 
 _CHUNKED_LOCK = threading.Lock()
 
@@ -201,8 +204,8 @@ def variant_path(path: Path, sop_class: UID, transfer_syntax: UID) -> Path:
 
 def _variant(path: Path, sop_class: UID, transfer_syntax: UID) -> Path:
     """The file to send: ``path`` itself, or its variant, written once (first kept)."""
+    from db.atomic import write_atomically
     from dicom_node import identity
-    from dicom_node.atomic import write_atomically
 
     target = variant_path(path, sop_class, transfer_syntax)
     if target == path or target.is_file():

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from db import paths
-from dicom_node.atomic import fsync_dir
-from dicom_node.errors import TransientError
+from db.atomic import fsync_dir
+from db.errors import TransientError
 
 TEMP_PREFIX = ".incoming-"
 TEMP_SUFFIX = ".tmp"

@@ -53,7 +53,7 @@ from dicom_node.results import (
     AnalysisResult,
     Finding,
     FindingConcept,
-    ModelInfo,
+    OutputModel,
     PredecessorRef,
 )
 
@@ -109,7 +109,7 @@ class SrReadback:
     pneumonia_threshold: float | None = None
 
 
-def _device_observer(model: ModelInfo) -> hd.sr.ObservationContext:
+def _device_observer(model: OutputModel) -> hd.sr.ObservationContext:
     attrs = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=identity.device_uid(model.version, model.sha256),
         name=model.name[:64],
@@ -125,7 +125,7 @@ def _device_observer(model: ModelInfo) -> hd.sr.ObservationContext:
     )
 
 
-def _algorithm(model: ModelInfo) -> hd.sr.AlgorithmIdentification:
+def _algorithm(model: OutputModel) -> hd.sr.AlgorithmIdentification:
     return hd.sr.AlgorithmIdentification(
         name=model.name[:64],
         version=model.version[:64],
@@ -137,7 +137,7 @@ def _algorithm(model: ModelInfo) -> hd.sr.AlgorithmIdentification:
     )
 
 
-def contributing_equipment(model: ModelInfo) -> hd.ContributingEquipment:
+def contributing_equipment(model: OutputModel) -> hd.ContributingEquipment:
     """The model as Contributing Equipment: name, version and weights hash (MONAI Deploy)."""
     return hd.ContributingEquipment(
         manufacturer=model.manufacturer[:64],
@@ -205,7 +205,7 @@ def _evaluation_first(group: Dataset) -> None:
     group.ContentSequence = rest[:first_num] + evaluations + rest[first_num:]
 
 
-def _study_group(tracking_uid: str, finding: Finding, model: ModelInfo,
+def _study_group(tracking_uid: str, finding: Finding, model: OutputModel,
                  headers: Sequence[Dataset]) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """A TID 1501 group of one study-level finding: call, probability, threshold."""
     concept = _code(finding.concept)
@@ -243,7 +243,7 @@ def hotspot(heatmap: np.ndarray | None) -> tuple[float, float] | None:
 
 
 def _image_group(
-    tracking_uid: str, number: int, model: ModelInfo, probability: float,
+    tracking_uid: str, number: int, model: OutputModel, probability: float,
     header: Dataset, point: tuple[float, float] | None,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations | \
         hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
@@ -324,7 +324,7 @@ def _finish_content(sr: Dataset, sop_uid: str, headers: Sequence[Dataset]) -> No
                     code.CodeMeaning = _MODALITY_MEANINGS.get(value, value)
 
 
-def _content_uid(kind: str, headers: Sequence[Dataset], model: ModelInfo,
+def _content_uid(kind: str, headers: Sequence[Dataset], model: OutputModel,
                  predecessor: PredecessorRef | None, institution_name: str | None,
                  *content: object) -> str:
     """The SOP Instance UID of an SR: a digest of everything that shapes its content."""
@@ -345,7 +345,7 @@ def _document(
     kind: str,
     sop_uid: str,
     headers: Sequence[Dataset],
-    model: ModelInfo,
+    model: OutputModel,
     groups: Sequence[hd.sr.MeasurementsAndQualitativeEvaluations
                      | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations],
     predecessor: PredecessorRef | None,
@@ -446,7 +446,7 @@ def build_sr(result: AnalysisResult, institution_name: str | None = None) -> Dat
 def build_not_analysed_sr(
     sources: Sequence[Dataset],
     reason: str,
-    model: ModelInfo,
+    model: OutputModel,
     predecessor: PredecessorRef | None = None,
     institution_name: str | None = None,
 ) -> Dataset:

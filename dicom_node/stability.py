@@ -15,13 +15,14 @@ import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
+from db import lifecycle
 from db.models import Study, StudyState, as_utc, utcnow
 from db.session import Database
 from db.settings import Settings
-from dicom_node.publisher import Publisher, PublishError
+from dicom_node.publisher import Publisher, PublishError, publish_analysis
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +50,7 @@ def queue_quiet_studies(db: Database, settings: Settings, now: datetime) -> list
             if last_at is None or last_at > cutoff:
                 continue
             # Compare-and-set: an instance arriving meanwhile keeps the study receiving.
-            changed = s.execute(
-                update(Study)
-                .where(Study.id == study_id, Study.state == StudyState.RECEIVING,
-                       Study.generation == generation, Study.last_instance_at == last)
-                .values(state=StudyState.QUEUED, queued_at=now, updated_at=now,
-                        published_at=None)
-            )
-            if getattr(changed, "rowcount", 0):
+            if lifecycle.queue_quiet_study(s, study_id, generation, last, now):
                 queued.append(study_id)
                 log.info("study %s receiving -> queued generation=%d study_id=%d", study_uid,
                          generation, study_id)
@@ -77,19 +71,13 @@ def publish_queued(
     unpublished: list[int] = []
     for index, (study_id, study_uid, generation) in enumerate(pending):
         try:
-            publisher.publish(study_id, generation)
+            with db.session() as s:
+                publish_analysis(s, publisher, study_id, generation, now)
         except PublishError as exc:
             rest = [row[0] for row in pending[index:]]
             unpublished.extend(rest)
             log.warning("publish failed; %d studies stay queued: %s", len(rest), exc)
             break
-        with db.session() as s:
-            s.execute(
-                update(Study)
-                .where(Study.id == study_id, Study.generation == generation,
-                       Study.published_at.is_(None))
-                .values(published_at=now, updated_at=now)
-            )
         published.append(study_id)
         log.info("study %s published generation=%d study_id=%d", study_uid, generation, study_id)
     return published, unpublished

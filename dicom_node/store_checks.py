@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from db.errors import BadInputError
 from db.uids import InvalidUidError, parse_uid
-from dicom_node.errors import BadInputError
 from dicom_node.ingest import Header
 
 STATUS_SOP_CLASS_MISMATCH = 0xA900

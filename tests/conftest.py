@@ -10,14 +10,19 @@ from pathlib import Path
 import pytest
 
 from db.settings import Settings, load_settings
+from dicom_node import socket_fix
 from tests.support.services import (
     SHARED_DATA,
+    drop_postgres_template,
     fresh_postgres_database,
     make_orthanc,
     orthanc_available,
     postgres_reachable,
     redis_reachable,
 )
+
+# The test side's own pynetdicom peers close refused or broken sockets as the product's do.
+socket_fix.install()
 
 
 @pytest.fixture(autouse=True)
@@ -28,9 +33,17 @@ def _clean_cxr_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(key, raising=False)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _postgres_template() -> Iterator[None]:
+    """Drop the migrated PostgreSQL template (made on first use) when the session ends."""
+    yield
+    drop_postgres_template()
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty database: SQLite in tmp, or a new PostgreSQL database."""
+    """A fresh database per test: an empty SQLite file in tmp (migrated on first use), or
+    a PostgreSQL database cloned from the template migrated once per session."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'test.db'}"
         return

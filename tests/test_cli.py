@@ -14,7 +14,14 @@ from db.models import Label
 from db.session import Database, make_engine
 from db.settings import Settings, setting_names
 from tests.support.ops_populate import populate
-from worker.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, build_parser, main, subcommand_names
+from worker.console.cli import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    build_parser,
+    main,
+    subcommand_names,
+)
 
 
 @pytest.fixture
@@ -28,7 +35,7 @@ def use(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
 
 
 def test_console_script_runs_and_lists_subcommands() -> None:
-    r = subprocess.run([sys.executable, "-m", "worker.cli", "--help"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "worker.console.cli", "--help"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0
     for name in ("status", "db", "model", "models", "labels", "redeliver", "up", "demo", "web",
@@ -36,7 +43,8 @@ def test_console_script_runs_and_lists_subcommands() -> None:
         assert name in r.stdout
     assert set(subcommand_names()) >= {"status", "db", "model", "models", "labels", "redeliver",
                                        "up", "demo", "web", "settings", "health"}
-    r = subprocess.run([sys.executable, "-m", "worker.cli"], capture_output=True, timeout=60)
+    r = subprocess.run([sys.executable, "-m", "worker.console.cli"], capture_output=True,
+                       timeout=60)
     assert r.returncode == EXIT_USAGE
 
 

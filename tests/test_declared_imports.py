@@ -73,7 +73,8 @@ def test_every_import_of_tests_and_benchmarks_is_declared_with_the_test_extras()
 def test_commands_print_no_alembic_plugin_lines(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
     env["CXR_DATA_DIR"] = str(tmp_path / "data")
-    for argv in (["-m", "worker.cli", "status"], ["-m", "worker.cli", "db", "upgrade"]):
+    for argv in (["-m", "worker.console.cli", "status"],
+                 ["-m", "worker.console.cli", "db", "upgrade"]):
         done = subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True,
                               text=True, timeout=120)
         assert done.returncode == 0, done.stderr

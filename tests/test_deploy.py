@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from db.settings import setting_names
-from worker.cli import subcommand_names
+from worker.console.cli import subcommand_names
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

@@ -25,8 +25,8 @@ from db.settings import Settings
 from tests.support.services import free_port
 from tests.support.worker_data import register_and_promote
 from tests.support.worker_process import RedisServer, WorkerProcess, settings_env
-from worker.health import check_health
-from worker.web import start_web
+from worker.console.health import check_health
+from worker.console.web import start_web
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def pipeline(make_settings, tmp_path: Path) -> Iterator[tuple[Settings, Database
 def _cli_health(settings: Settings) -> tuple[int, dict[str, Any]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
     env.update(settings_env(settings))
-    r = subprocess.run([sys.executable, "-m", "worker.cli", "health"], cwd=ROOT, env=env,
+    r = subprocess.run([sys.executable, "-m", "worker.console.cli", "health"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
     return r.returncode, json.loads(r.stdout)
 
@@ -149,7 +149,7 @@ def test_health_reports_a_dead_broker_in_every_check_that_needs_it(
 
 
 def test_nightly_check_names_a_failed_and_a_stuck_run(tmp_path: Path, make_settings) -> None:  # type: ignore[no-untyped-def]
-    from worker.health import PipelineUnhealthyError, check_nightly
+    from worker.console.health import PipelineUnhealthyError, check_nightly
 
     settings = make_settings(database_url=f"sqlite:///{tmp_path / 'n.db'}")
     db = Database(settings)

@@ -60,8 +60,10 @@ class SupervisedNode:
                "--data-dir", str(self.settings.data_dir), "--database-url",
                self.settings.effective_database_url, "--min-free-mb", "1", "--no-stability",
                "--listener-processes", str(PROCESSES)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log.open("a"),
-                                     text=True, cwd=Path(__file__).resolve().parents[1])
+        self._close_pipe()  # a restart: the killed supervisor's pipe is done with
+        with self.log.open("a") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
+                                         cwd=Path(__file__).resolve().parents[1])
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         assert line.startswith("LISTENING port="), f"node did not start: {line!r}"
@@ -72,10 +74,15 @@ class SupervisedNode:
         assert self.proc is not None
         return [pid for pid in _children(self.proc.pid) if _alive(pid)]
 
+    def _close_pipe(self) -> None:
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=60)
+        self._close_pipe()
 
 
 @pytest.fixture

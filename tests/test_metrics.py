@@ -17,7 +17,7 @@ from db.settings import Settings
 from tests.support.ops_populate import populate
 from tests.support.services import redis_reachable
 from worker import metrics
-from worker.health import check_health
+from worker.console.health import check_health
 
 
 def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

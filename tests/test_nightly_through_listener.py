@@ -74,8 +74,9 @@ def test_nightly_learns_from_listener_studies_labelled_by_the_cli(  # type: igno
         f"{uid},,{'covid' if pos else 'not-covid'},RT-PCR,2024-03-01\n" for uid, _, pos in sent))
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("CXR_")},
            **settings_env(settings)}
-    cli = subprocess.run([sys.executable, "-m", "worker.cli", "labels", "import", str(labels)],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    cli = subprocess.run([sys.executable, "-m", "worker.console.cli", "labels", "import",
+                          str(labels)], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120)
     assert cli.returncode == 0, cli.stdout + cli.stderr
 
     out = run_nightly(settings, train_overrides=FAST)

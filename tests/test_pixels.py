@@ -21,7 +21,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from dicom_node.errors import (
+from db.errors import (
     MissingPixelDataError,
     MultiFrameError,
     UndecodablePixelsError,

@@ -18,9 +18,9 @@ from trainer.promotion import AWAITING_APPROVAL, floor_reasons, metrics_line
 from trainer.registry import production_model
 from trainer.retrain import EXIT_OK, run_nightly
 from trainer.retrain import main as retrain_main
-from worker.cli import EXIT_FAILED
-from worker.cli import main as cli_main
-from worker.web import load_page_data, render_page
+from worker.console.cli import EXIT_FAILED
+from worker.console.cli import main as cli_main
+from worker.console.web import load_page_data, render_page
 
 TINY = {"input_size": 64, "epochs": 3, "batch_size": 16, "min_new_labels": 5,
         "split_fractions": (0.5, 0.25, 0.25)}

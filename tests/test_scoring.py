@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dicom_node.errors import TransientError
+from db.errors import TransientError
 from tests.support.dicom_factory import make_cxr, write
 from tests.support.model_synthetic import synthetic_image, tiny_meta, train_tiny_model
 from trainer.architectures import build_model

@@ -13,8 +13,8 @@ from pynetdicom import AE, evt
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
+from db.errors import BadInputError
 from db.settings import Destination
-from dicom_node.errors import BadInputError
 from dicom_node.results import write_dataset
 from dicom_node.sender import outcome_for_status, send_file
 from dicom_node.sr import build_sr

@@ -16,7 +16,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from db.settings import SelectionRule, SettingsError, load_settings
 from dicom_node.__main__ import main as listener_main
 from dicom_node.listener import start_node
-from worker.cli import main as cli_main
+from worker.console.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,7 +85,7 @@ def test_entry_points_print_one_line_and_exit_2(name: str, tmp_path: Path,
 def test_the_celery_app_refuses_bad_settings_with_one_line(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "CXR_DEVICE": "gpu7",
            "CXR_DATA_DIR": str(tmp_path / "d")}
-    proc = subprocess.run([sys.executable, "-c", "import worker.app"], env=env, cwd=REPO,
+    proc = subprocess.run([sys.executable, "-c", "from worker import app"], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [

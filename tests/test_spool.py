@@ -60,7 +60,7 @@ def test_stale_temp_files_removed(tmp_path: Path) -> None:
 
 def test_missing_spool_is_refused_as_transient(tmp_path: Path) -> None:
     """An unmounted or deleted spool gets 0xA700 (a TransientError), never a write elsewhere."""
-    from dicom_node.errors import TransientError
+    from db.errors import TransientError
 
     with pytest.raises(TransientError):
         spool.check_free_space(tmp_path / "not-mounted", 0)

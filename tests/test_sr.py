@@ -12,9 +12,9 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from db.errors import BadInputError
 from dicom_node import identity
 from dicom_node.conformance import sanitise_source
-from dicom_node.errors import BadInputError
 from dicom_node.results import PredecessorRef, write_dataset
 from dicom_node.sr import (
     NOT_ANALYSED_SERIES_DESCRIPTION,
@@ -215,10 +215,10 @@ def test_outputs_read_back_without_validation_warnings(tmp_path: Path) -> None:
     import numpy as np
 
     from dicom_node.pixels import decode_pixels
-    from dicom_node.results import AnalysisResult, ModelInfo, ScoredImage
+    from dicom_node.results import AnalysisResult, OutputModel, ScoredImage
     from dicom_node.sc import build_heatmap_sc
 
-    model = ModelInfo("cxr-triage COVID-19", "odd-length-1", "ab" * 32, "resnet18", 0.5,
+    model = OutputModel("cxr-triage COVID-19", "odd-length-1", "ab" * 32, "resnet18", 0.5,
                       "gradcam")
     ds = make_cxr()
     image = decode_pixels(ds)

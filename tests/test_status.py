@@ -9,7 +9,7 @@ import pytest
 from db.session import Database
 from db.settings import Settings
 from tests.support.ops_populate import SECRET_ACCESSION, SECRET_PATIENT_ID, populate
-from worker.cli import main
+from worker.console.cli import main
 
 
 @pytest.fixture

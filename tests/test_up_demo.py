@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.support.services import free_port, wait_until
-from worker import up
+from worker.console import up
 
 DCMTK_ECHOSCU = "/usr/bin/echoscu"  # DCMTK's, not pynetdicom's script of the same name
 
@@ -83,7 +83,7 @@ def test_up_starts_every_process_answers_echo_and_stops_on_sigint(tmp_path: Path
                CXR_STABLE_SECONDS="1", CXR_LOG_LEVEL="INFO")
     log_path = tmp_path / "up.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "up"], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "worker.console.cli", "up"], env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
     try:
         def echo_ok() -> bool:
@@ -141,7 +141,7 @@ def _run_demo(tmp_path: Path, *args: str,
     # Where the operator's installation would be: an empty data dir unless a test sets one.
     env["CXR_DATA_DIR"] = str(tmp_path / "installation")
     env.update(extra_env or {})
-    return subprocess.run([sys.executable, "-m", "worker.cli", "demo", "--workdir",
+    return subprocess.run([sys.executable, "-m", "worker.console.cli", "demo", "--workdir",
                            str(tmp_path / "demo"), "--timeout", "150", *args],
                           cwd=Path(__file__).resolve().parents[1], env=env,
                           capture_output=True, text=True, timeout=240)
@@ -194,7 +194,7 @@ def test_demo_stopped_by_sigterm_leaves_no_process_behind(tmp_path: Path) -> Non
     log_path = tmp_path / "demo.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "demo", "--no-orthanc", "--data",
+            [sys.executable, "-m", "worker.console.cli", "demo", "--no-orthanc", "--data",
              str(tmp_path / "no-data"), "--workdir", str(tmp_path / "demo")],
             cwd=Path(__file__).resolve().parents[1], env=env, stdout=log,
             stderr=subprocess.STDOUT)

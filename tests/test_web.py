@@ -15,7 +15,7 @@ import pytest
 from db.session import Database
 from db.settings import Settings
 from tests.support.ops_populate import SECRET_PATIENT_ID, Populated, populate
-from worker.web import WebServer, render_heatmap_png, start_web
+from worker.console.web import WebServer, render_heatmap_png, start_web
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",

@@ -13,9 +13,9 @@ import pytest
 from db.session import Database
 from db.settings import Settings
 from tests.support.ops_populate import populate
-from worker.cli import main as cli_main
-from worker.web import WebServer, start_web
-from worker.web_security import SECURITY_HEADERS, WebBindError, parse_id
+from worker.console.cli import main as cli_main
+from worker.console.web import WebServer, start_web
+from worker.console.web_security import SECURITY_HEADERS, WebBindError, parse_id
 
 
 def _get(server: WebServer, path: str,

@@ -21,7 +21,7 @@ from db.session import Database
 from db.settings import Settings
 from tests.support.dicom_factory import make_cxr, write
 from tests.support.ops_populate import SECRET_ACCESSION, SECRET_PATIENT_ID, Populated, populate
-from worker.web import WebServer, start_web
+from worker.console.web import WebServer, start_web
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -243,7 +243,7 @@ def test_study_and_models_pages_in_headless_chromium(site: Site, tmp_path: Path)
 
 def test_viewer_template_is_validated_at_load_and_filled_url_encoded(make_settings) -> None:  # type: ignore[no-untyped-def]
     from db.settings import SettingsError
-    from worker.web_study import viewer_url
+    from worker.console.web_study import viewer_url
 
     for bad in ("javascript:alert(1)//{study_uid}", "https://pacs/{patient_id}",
                 "https://pacs/{study_uid"):

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dicom_node.atomic import write_atomically
+from db.atomic import file_sha256, write_atomically
 from dicom_node.pixels import CONTRAST_METHODS
 from trainer.architectures import build_model, normalisation
 
@@ -161,14 +161,6 @@ def save_checkpoint(path: Path, model: nn.Module, meta: ModelMeta) -> str:
     digest = hashlib.sha256(payload).hexdigest()
     write_atomically(path, lambda fh: fh.write(payload))
     return digest
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -26,10 +26,10 @@ from typing import Any
 
 from sqlalchemy import select
 
+from db.errors import BadInputError
 from db.models import Instance, Label, Study
 from db.session import Database
 from db.settings import Settings
-from dicom_node.errors import BadInputError
 from dicom_node.pixels import load_image_file
 from dicom_node.selection import select_instances
 from trainer.labels import parse_label, parse_label_name, reconcile

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from db.logs import configure_logging
 from db.session import Database
 from db.settings import Settings, SettingsError, load_settings
 from trainer.checkpoint import (
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    configure_logging(logging.WARNING, "%(levelname)s %(name)s %(message)s")
     try:
         settings = load_settings()
         result = run(args, settings)

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from db import paths
+from db.atomic import write_atomically
 from db.settings import Settings
-from dicom_node.atomic import write_atomically
 from dicom_node.pixels import Letterbox
 from trainer.architectures import gradcam_layer
 from trainer.checkpoint import LoadedModel, findings, resolve_device

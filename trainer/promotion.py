@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from db.models import ModelStage, ModelVersion, utcnow
 from db.session import Database
@@ -91,16 +92,23 @@ def metrics_line(metrics: Mapping[str, Any]) -> str:
     ]) + f" (n={metrics.get('n')}, positives={metrics.get('n_positive')})"
 
 
-def hold(db: Database, version: str, reason: str) -> None:
+def hold(db: Database | Session, version: str, reason: str) -> None:
     """Leave ``version`` a candidate and record why it was not promoted."""
-    with db.session() as s:
-        row = s.scalar(select(ModelVersion).where(ModelVersion.version == version))
-        if row is None:
-            raise RegistryError(f"no model version {version!r}")
-        meta = dict(row.metadata_json or {})
-        meta["hold_reason"] = reason
-        row.metadata_json = meta
+    if isinstance(db, Session):
+        _hold(db, version, reason)
+    else:
+        with db.session() as s:
+            _hold(s, version, reason)
     log.info("model held as candidate version=%s", version)
+
+
+def _hold(s: Session, version: str, reason: str) -> None:
+    row = s.scalar(select(ModelVersion).where(ModelVersion.version == version))
+    if row is None:
+        raise RegistryError(f"no model version {version!r}")
+    meta = dict(row.metadata_json or {})
+    meta["hold_reason"] = reason
+    row.metadata_json = meta
 
 
 def approver() -> str:

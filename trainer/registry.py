@@ -8,16 +8,18 @@ load time rather than silently scored with.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
+from db.atomic import file_sha256
 from db.models import ModelStage, ModelVersion, as_utc, utcnow
 from db.session import Database
 
@@ -28,19 +30,16 @@ class RegistryError(ValueError):
     """The operator asked for a model that does not exist or cannot be registered."""
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, streamed so large checkpoints do not fill memory."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class ModelInfo:
-    """One registered model, as plain data (for ``cxr-triage models`` and reports)."""
+    """One registered model, as plain data: the one model record.
 
+    The worker, the CLI and the trainer all read it (through :func:`production_model`,
+    :func:`get_model` or :func:`list_models`); the model stamped into output objects
+    (:class:`dicom_node.results.OutputModel`) is built from it in ``worker.outputs``.
+    """
+
+    id: int
     version: str
     stage: str
     architecture: str
@@ -59,6 +58,7 @@ class ModelInfo:
     def from_row(cls, row: ModelVersion) -> ModelInfo:
         metrics = (row.metadata_json or {}).get("metrics") or {}
         return cls(
+            id=row.id,
             version=row.version,
             stage=row.stage,
             architecture=row.architecture,
@@ -74,8 +74,14 @@ class ModelInfo:
             test_specificity=_maybe_float(metrics.get("specificity")),
         )
 
+    def file(self, models_dir: Path) -> Path:
+        """The checkpoint file: ``path`` as recorded, relative ones under ``models_dir``."""
+        path = Path(self.path)
+        return path if path.is_absolute() else Path(models_dir) / path
+
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        del out["id"]  # a database detail, not part of the model's public description
         for key in ("created_at", "promoted_at"):
             if out[key] is not None:
                 out[key] = out[key].isoformat()
@@ -111,8 +117,19 @@ def default_version(architecture: str, sha256: str, when: datetime | None = None
     return f"{architecture}-{when:%Y%m%d-%H%M%S}-{sha256[:8]}"
 
 
+@contextmanager
+def _session(source: Database | Session) -> Iterator[Session]:
+    """``source`` itself when it is an open session (the caller owns the transaction),
+    else a short session of its own that commits on success."""
+    if isinstance(source, Session):
+        yield source
+        return
+    with source.session() as s:
+        yield s
+
+
 def register_model(
-    db: Database,
+    db: Database | Session,
     path: Path,
     *,
     meta: Mapping[str, Any] | None = None,
@@ -136,7 +153,7 @@ def register_model(
     missing = [k for k in ("architecture", "input_size", "threshold") if meta.get(k) is None]
     if missing:
         raise RegistryError(f"model file {path} lacks metadata: {', '.join(missing)}")
-    with db.session() as s:
+    with _session(db) as s:
         existing = s.scalar(select(ModelVersion).where(ModelVersion.sha256 == digest))
         if existing is not None:
             log.info("model already registered version=%s sha256=%s", existing.version, digest)
@@ -185,13 +202,13 @@ def get_model(db: Database, version: str) -> ModelInfo:
         return ModelInfo.from_row(row)
 
 
-def promote(db: Database, version: str) -> ModelInfo:
+def promote(db: Database | Session, version: str) -> ModelInfo:
     """Make ``version`` the production model; the previous one is retired.
 
-    Both changes happen in one transaction, so there is never zero or two production
-    models for the worker to see.
+    Both changes happen in one transaction (the caller's, when given a session), so there
+    is never zero or two production models for the worker to see.
     """
-    with db.session() as s:
+    with _session(db) as s:
         row = s.scalar(
             select(ModelVersion).where(ModelVersion.version == version).with_for_update()
         )
@@ -213,9 +230,9 @@ def promote(db: Database, version: str) -> ModelInfo:
     return info
 
 
-def reject(db: Database, version: str, reason: str) -> ModelInfo:
+def reject(db: Database | Session, version: str, reason: str) -> ModelInfo:
     """Mark a candidate as rejected (it lost to the champion); the reason is kept."""
-    with db.session() as s:
+    with _session(db) as s:
         row = s.scalar(select(ModelVersion).where(ModelVersion.version == version))
         if row is None:
             raise RegistryError(f"no model version {version!r}")
@@ -231,15 +248,23 @@ def reject(db: Database, version: str, reason: str) -> ModelInfo:
     return info
 
 
-def production_model(db: Database) -> ModelInfo | None:
-    """The model that scores studies now, or None before the first promotion."""
-    with db.session() as s:
-        row = s.scalar(
+def production_model(source: Database | Session) -> ModelInfo | None:
+    """The model that scores studies now, or None before the first promotion.
+
+    The one production-model query: the newest promotion wins and a row promoted without a
+    time sorts last on SQLite and PostgreSQL alike (``NULLS LAST``), then the newest id.
+    ``source`` is a :class:`Database` (a short session of its own) or an open session.
+    """
+    if isinstance(source, Session):
+        row = source.scalars(
             select(ModelVersion)
             .where(ModelVersion.stage == ModelStage.PRODUCTION)
-            .order_by(ModelVersion.promoted_at.desc(), ModelVersion.id.desc())
-        )
+            .order_by(ModelVersion.promoted_at.desc().nulls_last(), ModelVersion.id.desc())
+            .limit(1)
+        ).first()
         return None if row is None else ModelInfo.from_row(row)
+    with source.session() as s:
+        return production_model(s)
 
 
 def list_models(db: Database) -> list[ModelInfo]:
@@ -249,9 +274,9 @@ def list_models(db: Database) -> list[ModelInfo]:
         return [ModelInfo.from_row(r) for r in rows]
 
 
-def model_id(db: Database, version: str) -> int:
+def model_id(db: Database | Session, version: str) -> int:
     """The database id of a version (for Evaluation rows)."""
-    with db.session() as s:
+    with _session(db) as s:
         row_id = s.scalar(select(ModelVersion.id).where(ModelVersion.version == version))
     if row_id is None:
         raise RegistryError(f"no model version {version!r}")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dicom_node.errors import TransientError
+from db.errors import TransientError
 from dicom_node.pixels import load_image_file
 from trainer.checkpoint import LoadedModel, findings, resolve_device
 from trainer.transforms import to_tensor_batch

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from db import lifecycle
+from db.errors import BadInputError, TransientError
+from db.lifecycle import AnalyseStatus
 from db.models import (
     Analysis,
     AnalysisState,
@@ -44,82 +46,20 @@ from db.models import (
 from db.session import Database
 from db.settings import Settings
 from db.uids import is_valid_uid
-from dicom_node.errors import BadInputError, TransientError
+from trainer.registry import production_model
 from worker import metrics
 from worker.model_cache import (
     NO_PRODUCTION_MODEL,
     LoadedProductionModel,
     ModelCache,
-    ModelInfo,
     ModelUnavailableError,
 )
+from worker.outputs import previous_sr
+from worker.records import Claim, ImageResult, InstanceRef, Outcome, StudyResult
 
 log = logging.getLogger(__name__)
 
 FINISHED_STATES = (StudyState.DONE, StudyState.SKIPPED, StudyState.FAILED)
-
-
-@dataclass(frozen=True)
-class InstanceRef:
-    """An instance of the claimed study, detached from the session."""
-
-    id: int
-    sop_instance_uid: str
-    path: Path
-
-
-@dataclass(frozen=True)
-class Claim:
-    study_id: int
-    study_uid: str
-    generation: int
-    attempt: int
-    model: ModelInfo
-    instances: tuple[InstanceRef, ...]
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What happened to one analyse message.  ``status`` is one of: done, skipped, failed,
-    waiting (no usable model), stale, duplicate, missing, not_ready, gave_up."""
-
-    study_id: int
-    status: str
-    reason: str | None = None
-    analysis_id: int | None = None
-    delivery_ids: tuple[int, ...] = ()
-
-
-@dataclass
-class ImageResult:
-    """The outcome for one instance before it is written as a Prediction."""
-
-    instance: InstanceRef
-    scored: bool
-    skip_reason: str | None = None
-    bad_input: bool = False
-    probability: float | None = None
-    pneumonia_probability: float | None = None  # three-class models only
-    heatmap_path: Path | None = None
-    image: np.ndarray | None = None
-    heatmap: np.ndarray | None = None
-    header: Any = None
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class StudyResult:
-    """Everything computed for a study generation, ready to be stored."""
-
-    state: StudyState
-    reason: str | None
-    images: list[ImageResult]
-    probability: float | None = None
-    positive: bool | None = None
-    pneumonia_probability: float | None = None  # three-class models only
-    pneumonia_positive: bool | None = None
-    pneumonia_threshold: float | None = None
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------- claim
@@ -132,27 +72,26 @@ def claim(
     with db.session() as s:
         study = s.get(Study, study_id, with_for_update=True)
         if study is None:
-            return Outcome(study_id, "missing", "no such study")
+            return Outcome(study_id, AnalyseStatus.MISSING, "no such study")
         if study.generation != generation:
-            return Outcome(study_id, "stale",
+            return Outcome(study_id, AnalyseStatus.STALE,
                            f"generation {generation} superseded by {study.generation}")
         if study.state in FINISHED_STATES:
-            return Outcome(study_id, "duplicate", f"study already {study.state}")
+            return Outcome(study_id, AnalyseStatus.DUPLICATE, f"study already {study.state}")
         if study.state == StudyState.RECEIVING:
-            return Outcome(study_id, "not_ready", "study is still receiving instances")
+            return Outcome(study_id, AnalyseStatus.NOT_READY, "study is still receiving instances")
         model = models.production(s)
         if model is None:
-            study.state = StudyState.QUEUED
-            study.reason = NO_PRODUCTION_MODEL
-            study.updated_at = now
+            lifecycle.wait_for_model(study, NO_PRODUCTION_MODEL, now)
             log.warning("study waits study_uid=%s reason=%s", study.study_uid,
                         NO_PRODUCTION_MODEL)
-            return Outcome(study_id, "waiting", NO_PRODUCTION_MODEL)
+            return Outcome(study_id, AnalyseStatus.WAITING, NO_PRODUCTION_MODEL)
         existing = s.scalars(select(Analysis).where(
             Analysis.study_id == study_id, Analysis.model_version_id == model.id,
             Analysis.generation == generation)).first()
         if existing is not None:
-            return Outcome(study_id, "duplicate", "analysis already stored", existing.id)
+            return Outcome(study_id, AnalyseStatus.DUPLICATE, "analysis already stored",
+                           existing.id)
         study.attempts = (study.attempts or 0) + 1
         # Every claim counts, Celery's own retries after transient faults included; those
         # retries get their own budget (task_max_retries) on top of the redeliveries', so
@@ -162,13 +101,11 @@ def claim(
             reason = (f"gave up after {budget} attempts "
                       "(worker lost or message redelivered)")
             _record_failure(s, study, model.id, generation, reason, now)
-            return Outcome(study_id, "gave_up", reason)
+            return Outcome(study_id, AnalyseStatus.GAVE_UP, reason)
         queued_at = as_utc(study.queued_at)
         if queued_at is not None:
             metrics.observe_queue_wait((now - queued_at).total_seconds())
-        study.state = StudyState.ANALYSING
-        study.reason = None
-        study.updated_at = now
+        lifecycle.start_analysis(study, now)
         instances = s.scalars(
             select(Instance).where(Instance.study_id == study_id).order_by(Instance.id)
         ).all()
@@ -178,9 +115,7 @@ def claim(
 
 def _record_failure(s: Session, study: Study, model_version_id: int | None, generation: int,
                     reason: str, now: datetime) -> None:
-    study.state = StudyState.FAILED
-    study.reason = reason
-    study.updated_at = now
+    lifecycle.fail_study(study, reason, now)
     existing = s.scalars(select(Analysis).where(
         Analysis.study_id == study.id, Analysis.model_version_id == model_version_id,
         Analysis.generation == generation)).first()
@@ -199,9 +134,7 @@ def mark_failed(db: Database, study_id: int, generation: int, reason: str,
         study = s.get(Study, study_id, with_for_update=True)
         if study is None or study.generation != generation or study.state in FINISHED_STATES:
             return False
-        from worker.model_cache import production_model
-
-        model = production_model(s, db.settings)
+        model = production_model(s)
         _record_failure(s, study, model.id if model else None, generation, reason, now)
         return True
 
@@ -215,10 +148,7 @@ def release_waiting(db: Database, study_id: int, generation: int, reason: str,
         study = s.get(Study, study_id, with_for_update=True)
         if study is None or study.generation != generation or study.state != StudyState.ANALYSING:
             return
-        study.state = StudyState.QUEUED
-        study.reason = reason
-        study.attempts = max(0, (study.attempts or 0) - 1)
-        study.updated_at = now
+        lifecycle.release_study(study, reason, now)
         log.warning("study waits study_uid=%s reason=%s", study.study_uid, reason)
 
 
@@ -399,13 +329,14 @@ def finish(
         with db.session() as s:
             study = s.get(Study, claim_.study_id, with_for_update=True)
             if study is None:
-                return Outcome(claim_.study_id, "missing", "study vanished")
+                return Outcome(claim_.study_id, AnalyseStatus.MISSING, "study vanished")
             if study.generation != claim_.generation:
                 log.info("stale result discarded study_uid=%s generation=%s current=%s",
                          claim_.study_uid, claim_.generation, study.generation)
-                return Outcome(claim_.study_id, "stale", "newer generation arrived")
+                return Outcome(claim_.study_id, AnalyseStatus.STALE, "newer generation arrived")
             if study.state != StudyState.ANALYSING:
-                return Outcome(claim_.study_id, "duplicate", f"study already {study.state}")
+                return Outcome(claim_.study_id, AnalyseStatus.DUPLICATE,
+                               f"study already {study.state}")
             for previous in s.scalars(select(Analysis).where(
                     Analysis.study_id == study.id, Analysis.state == AnalysisState.DONE)):
                 previous.state = AnalysisState.SUPERSEDED
@@ -432,17 +363,15 @@ def finish(
                     skip_reason=img.skip_reason, timings=dict(img.timings),
                 ))
             deliveries = create_deliveries(s, settings, study.id, analysis.id, outputs, now)
-            study.state = result.state
-            study.reason = result.reason
-            study.attempts = 0
-            study.updated_at = utcnow()
+            lifecycle.finish_study(study, result.state, result.reason, utcnow())
             s.flush()
-            outcome = Outcome(study.id, result.state.value, result.reason, analysis.id,
-                              tuple(d.id for d in deliveries))
+            outcome = Outcome(study.id, AnalyseStatus(result.state.value), result.reason,
+                              analysis.id, tuple(d.id for d in deliveries))
     except IntegrityError:
         log.info("duplicate analysis discarded study_uid=%s generation=%s",
                  claim_.study_uid, claim_.generation)
-        return Outcome(claim_.study_id, "duplicate", "analysis stored by another worker")
+        return Outcome(claim_.study_id, AnalyseStatus.DUPLICATE,
+                       "analysis stored by another worker")
     log.info(
         "study analysed study_uid=%s generation=%s state=%s model=%s probability=%s "
         "pneumonia_probability=%s method=%s reason=%s",
@@ -454,39 +383,6 @@ def finish(
     return outcome
 
 
-def previous_sr(db: Database, study_id: int) -> Any:
-    """The SR the study's next SR replaces, for its Predecessor Documents Sequence.
-
-    The latest SR of the study that reached the PACS; where none has yet, the latest one
-    still on its way there (pending or sending).  A failed delivery never reached the
-    PACS and is not named.
-    """
-    from db.models import Delivery, DeliveryState, ModelVersion
-    from worker.outputs import PreviousSr
-
-    with db.session() as s:
-        rows = s.execute(
-            select(Delivery.sop_instance_uid, Delivery.path, Delivery.state,
-                   ModelVersion.version, ModelVersion.sha256, Delivery.reason)
-            .join(Analysis, Analysis.id == Delivery.analysis_id)
-            .join(ModelVersion, ModelVersion.id == Analysis.model_version_id)
-            .where(Delivery.study_id == study_id, Delivery.kind == "sr",
-                   Delivery.state != DeliveryState.FAILED)
-            .order_by(Delivery.id.desc())
-        ).all()
-    delivered = [r for r in rows if r[2] == DeliveryState.DELIVERED]
-    candidates = delivered or list(rows)
-    if not candidates:
-        return None
-    row = candidates[0]
-    from worker.delivery import parse_sent_as
-
-    # Delivered in another SR class: the PACS holds that object, so it is the one named.
-    sent_as = parse_sent_as(row[5]) if row[2] == DeliveryState.DELIVERED else None
-    return PreviousSr(str(row[0]), str(row[3]), str(row[4]), path=str(row[1]),
-                      sent_as=sent_as)
-
-
 # ---------------------------------------------------------------------------- the whole
 def analyse_study(
     db: Database, settings: Settings, models: ModelCache, study_id: int, generation: int,
@@ -496,7 +392,7 @@ def analyse_study(
 
     claimed = claim(db, settings, models, study_id, generation)
     if isinstance(claimed, Outcome):
-        if claimed.status not in ("waiting",):
+        if claimed.status != AnalyseStatus.WAITING:
             log.info("analyse message has nothing to do study_id=%s generation=%s status=%s",
                      study_id, generation, claimed.status)
         return claimed
@@ -504,12 +400,12 @@ def analyse_study(
         # Only rows written around the listener can hold one; the listener refuses them.
         reason = "bad input: invalid StudyInstanceUID"
         mark_failed(db, study_id, generation, reason)
-        return Outcome(study_id, "failed", reason)
+        return Outcome(study_id, AnalyseStatus.FAILED, reason)
     try:
         model = models.get(claimed.model)
     except ModelUnavailableError as exc:
         release_waiting(db, study_id, generation, str(exc))
-        return Outcome(study_id, "waiting", str(exc))
+        return Outcome(study_id, AnalyseStatus.WAITING, str(exc))
     result = compute(claimed, model, settings)
     metrics.observe_inference(result.timings.get("total_s", 0.0), claimed.model.version)
     if result.positive is not None:

@@ -1,39 +1,51 @@
-"""The Celery application of a worker process.
+"""The Celery application factory of a worker process.
 
-This is the one place where a worker process reads its environment: settings are loaded
-once at import, and every task receives them from :func:`runtime`.  The Celery
+:func:`create_app` builds a Celery app for the settings it is given and builds nothing at
+import, so tests pass their own settings and call the tasks in process (Flask's
+``create_app(test_config)``).  The process entry that reads the environment is
+:mod:`worker.entry`, which ``celery -A worker`` reaches through the ``worker`` package's
+lazy ``app`` attribute.  The Celery
 configuration itself (JSON only, ``acks_late`` with ``reject_on_worker_lost``, prefetch 1,
 visibility timeout, queue routes) is shared with the listener through
 :func:`db.broker.celery_config`.
+
+Retry policy is declared on the tasks (``autoretry_for``, ``retry_backoff``) with one
+budget set here from the settings: ``settings.task_max_retries`` retries for infrastructure
+trouble in an analysis, after 2 s, 4 s, ... at most 300 s.  Deliveries retry infrastructure
+trouble without a count, since their deadline (``worker.delivery``) bounds them.
 """
 
 from __future__ import annotations
 
-import logging
-import sys
+from typing import Any
 
 from celery import Celery
-from celery.signals import setup_logging
 
-from db.broker import make_celery
-from db.settings import Settings, SettingsError, load_settings
+from db.broker import ANALYSE_TASK, DELIVER_TASK, RECONCILE_TASK, make_celery
+from db.settings import Settings
 from worker.beat import beat_schedule
-from worker.metrics import install_celery_signals
-
-log = logging.getLogger(__name__)
-
-try:
-    settings: Settings = load_settings()
-except SettingsError as _exc:  # one line and exit 2, like every other entry point
-    print(f"configuration error: {_exc}", file=sys.stderr)
-    raise SystemExit(2) from None
 
 
-def build_app(s: Settings) -> Celery:
-    """A Celery app for ``s`` with the worker's tasks registered."""
+def task_policy(s: Settings) -> dict[str, dict[str, Any]]:
+    """Per-task retry counts (Celery task annotations) from the settings: the one budget.
+
+    Which errors retry and the backoff are declared on the tasks
+    (:data:`worker.tasks.RETRY_POLICY`)."""
+    return {
+        ANALYSE_TASK: {"max_retries": s.task_max_retries},
+        DELIVER_TASK: {"max_retries": None},
+        RECONCILE_TASK: {"max_retries": 0},
+    }
+
+
+def create_app(s: Settings) -> Celery:
+    """A Celery app for ``s`` with the worker's tasks registered; reads no environment."""
+    from worker.tasks import bind_settings  # also defines the shared tasks every app picks up
+
     celery_app = make_celery(s, main="worker")
     celery_app.conf.update(
         include=["worker.tasks"],
+        task_annotations=task_policy(s),
         # A task that takes its time must not be redelivered while it still runs; the
         # broker's visibility timeout (settings.visibility_timeout) is the upper bound.
         task_time_limit=max(60, int(s.visibility_timeout * 0.9)),
@@ -41,23 +53,6 @@ def build_app(s: Settings) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=True,
         beat_schedule=beat_schedule(s),
     )
+    bind_settings(celery_app, s)
+    celery_app.finalize(auto=True)
     return celery_app
-
-
-app: Celery = build_app(settings)
-install_celery_signals(settings)  # each pool process serves /metrics when metrics_port is set
-
-
-@setup_logging.connect  # type: ignore[untyped-decorator]
-def _configure_logging(**_: object) -> None:
-    """One line per event on stderr at ``settings.log_level``, for our loggers and
-    Celery's alike (Celery skips its own set-up when this signal has a receiver)."""
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
-    )
-
-
-# Importing the tasks here registers them with ``app`` in every process that uses it,
-# whether it is started by ``celery -A worker worker`` or imports ``worker.app``.
-import worker.tasks  # noqa: E402,F401

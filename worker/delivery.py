@@ -18,10 +18,13 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from db import lifecycle
 from db.broker import DELIVER_TASK
+from db.errors import BadInputError
+from db.lifecycle import DeliveryStatus
 from db.models import (
     Analysis,
     AnalysisState,
@@ -33,7 +36,6 @@ from db.models import (
 )
 from db.session import Database
 from db.settings import Destination, Settings
-from dicom_node.errors import BadInputError
 from dicom_node.sender import SendOutcome, send_files
 from worker import metrics
 
@@ -85,7 +87,7 @@ class DeliveryOutcome:
     """``status``: delivered, retry (with ``countdown``), failed, noop."""
 
     delivery_id: int
-    status: str
+    status: DeliveryStatus
     countdown: float | None = None
     reason: str | None = None
 
@@ -109,7 +111,7 @@ def create_deliveries(s: Session, settings: Settings, study_id: int, analysis_id
             row = Delivery(
                 analysis_id=analysis_id, study_id=study_id, kind=obj.kind,
                 sop_instance_uid=obj.sop_instance_uid, destination=str(dest),
-                path=str(obj.path), state=DeliveryState.PENDING, attempts=0,
+                path=str(obj.path), state=lifecycle.DELIVERY_INITIAL, attempts=0,
                 next_attempt_at=now, deadline_at=deadline, created_at=now, updated_at=now,
             )
             s.add(row)
@@ -176,15 +178,7 @@ def _read_check(path: Path) -> None:
 
 def _claim(db: Database, delivery_id: int, now: datetime) -> Delivery | None:
     with db.session() as s:
-        claimed = s.execute(  # type: ignore[attr-defined]
-            update(Delivery)
-            .where(Delivery.id == delivery_id, Delivery.state == DeliveryState.PENDING,
-                   Delivery.next_attempt_at <= now + EARLY_SLACK)
-            .values(state=DeliveryState.SENDING, attempts=Delivery.attempts + 1,
-                    updated_at=now)
-            .execution_options(synchronize_session=False)
-        ).rowcount
-        if claimed != 1:
+        if not lifecycle.claim_delivery(s, delivery_id, now + EARLY_SLACK, now):
             return None
         return s.get(Delivery, delivery_id)
 
@@ -211,8 +205,7 @@ def _record_with(s: Session, settings: Settings, delivery_id: int, result: SendR
     current.last_status = result.status
     current.updated_at = done_at
     if result.ok:
-        current.state = DeliveryState.DELIVERED
-        current.delivered_at = done_at
+        lifecycle.delivery_sent(current, done_at)
         current.reason = None
         if result.sent_uid and result.sent_uid != current.sop_instance_uid:
             # Sent in another class the PACS accepted: the object there has its own UID.
@@ -222,27 +215,26 @@ def _record_with(s: Session, settings: Settings, delivery_id: int, result: SendR
                  result.transfer_syntax, current.destination, result.status,
                  current.attempts)
         metrics.delivery_outcome(current.kind, "delivered")
-        return DeliveryOutcome(delivery_id, "delivered")
+        return DeliveryOutcome(delivery_id, DeliveryStatus.DELIVERED)
     current.reason = result.reason or "send failed"
     if result.permanent or done_at >= deadline:
-        current.state = DeliveryState.FAILED
-        current.reason = (result.reason if result.permanent else
-                          f"deadline passed after {current.attempts} attempts; "
-                          f"last error: {result.reason}")
+        lifecycle.delivery_failed(current, result.reason if result.permanent else
+                                  f"deadline passed after {current.attempts} attempts; "
+                                  f"last error: {result.reason}")
         log.error("delivery failed sop_uid=%s destination=%s reason=%s",
                   current.sop_instance_uid, current.destination, current.reason)
         metrics.delivery_outcome(current.kind, "failed")
-        return DeliveryOutcome(delivery_id, "failed", reason=current.reason)
+        return DeliveryOutcome(delivery_id, DeliveryStatus.FAILED, reason=current.reason)
     delay = backoff_seconds(settings, current.attempts)
     next_at = min(done_at + timedelta(seconds=delay), deadline)
-    current.state = DeliveryState.PENDING
-    current.next_attempt_at = next_at
+    lifecycle.delivery_retry(current, next_at)
     countdown = max(0.0, (next_at - done_at).total_seconds())
     log.warning("delivery retry sop_uid=%s destination=%s attempts=%s in_s=%.1f reason=%s",
                 current.sop_instance_uid, current.destination, current.attempts,
                 countdown, result.reason)
     metrics.delivery_outcome(current.kind, "retry")
-    return DeliveryOutcome(delivery_id, "retry", countdown=countdown, reason=result.reason)
+    return DeliveryOutcome(delivery_id, DeliveryStatus.RETRY, countdown=countdown,
+                           reason=result.reason)
 
 
 def deliver(db: Database, settings: Settings, delivery_id: int,
@@ -253,7 +245,8 @@ def deliver(db: Database, settings: Settings, delivery_id: int,
     started = utcnow()
     row = _claim(db, delivery_id, now)
     if row is None:
-        return DeliveryOutcome(delivery_id, "noop", reason="not pending or not yet due")
+        return DeliveryOutcome(delivery_id, DeliveryStatus.NOOP,
+                               reason="not pending or not yet due")
     rows = [row, *_claim_siblings(db, row, now)]
     dest = Destination.parse(row.destination)
     try:
@@ -299,12 +292,8 @@ def redeliver(db: Database, settings: Settings, study_uid: str,
         for row in rows:
             if row.state == DeliveryState.SENDING:
                 continue
-            row.state = DeliveryState.PENDING
-            row.next_attempt_at = now
-            row.deadline_at = now + timedelta(seconds=settings.delivery_deadline_seconds)
-            row.attempts = 0
-            row.reason = None
-            row.updated_at = now
+            lifecycle.redeliver(row, now,
+                                now + timedelta(seconds=settings.delivery_deadline_seconds))
             ids.append(row.id)
     log.info("redelivery requested study_uid=%s deliveries=%s", study_uid, len(ids))
     if ids:

@@ -37,14 +37,14 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from db.settings import Settings
-from dicom_node.metrics import (  # noqa: F401  (re-exported: one registration per process)
+from db.metrics import (  # noqa: F401  (re-exported: one registration per process)
     INSTANCES_RECEIVED,
     INSTANCES_REJECTED,
     instance_received,
     instance_rejected,
     label,
 )
+from db.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ PREDICTIONS = Counter(
     "cxr_predictions", "Scored studies by model version and call", ["model_version", "call"]
 )
 
-_label = label  # bounded label values (see dicom_node.metrics)
+_label = label  # bounded label values (see db.metrics)
 
 
 # ----- functions the listener and the tasks call --------------------------------------------
@@ -105,7 +105,7 @@ class DatabaseCollector(Collector):
         return []
 
     def collect(self) -> Iterator[Metric]:
-        from worker.status import read_gauges
+        from worker.gauges import read_gauges
 
         try:
             gauges = read_gauges(self.db)

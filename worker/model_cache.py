@@ -13,15 +13,13 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import ModelStage, ModelVersion
+from db.errors import CxrError
 from db.settings import Settings
-from dicom_node.errors import CxrError
+from trainer.registry import ModelInfo, production_model
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +32,6 @@ class ModelUnavailableError(CxrError):
     Not the study's fault: the study waits, as it does when no model is registered."""
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a task needs to know about the production model, detached from any session."""
-
-    id: int
-    version: str
-    architecture: str
-    path: Path
-    sha256: str
-    threshold: float
-    input_size: int
-
-
 @dataclass
 class LoadedProductionModel:
     """A loaded model version with its scorer, held by one worker process."""
@@ -55,39 +40,6 @@ class LoadedProductionModel:
     loaded: Any  # trainer.checkpoint.LoadedModel
     scorer: Any  # trainer.scoring.Scorer
     device: str
-
-
-def production_model(session: Session, settings: Settings) -> ModelInfo | None:
-    """The production model version recorded in the database, or None."""
-    row = session.scalars(
-        select(ModelVersion)
-        .where(ModelVersion.stage == ModelStage.PRODUCTION)
-        .order_by(ModelVersion.promoted_at.desc().nulls_last(), ModelVersion.id.desc())
-        .limit(1)
-    ).first()
-    if row is None:
-        return None
-    path = Path(row.path)
-    if not path.is_absolute():
-        path = settings.models_dir / path
-    return ModelInfo(
-        id=row.id,
-        version=row.version,
-        architecture=row.architecture,
-        path=path,
-        sha256=row.sha256,
-        threshold=float(row.threshold),
-        input_size=int(row.input_size),
-    )
-
-
-def resolve_device(setting: str) -> str:
-    """``auto`` means the first CUDA device where one is available, else the CPU."""
-    import torch
-
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return setting
 
 
 class ModelCache:
@@ -103,7 +55,7 @@ class ModelCache:
         return self._held.info.version if self._held else None
 
     def production(self, session: Session) -> ModelInfo | None:
-        return production_model(session, self.settings)
+        return production_model(session)
 
     def get(self, info: ModelInfo) -> LoadedProductionModel:
         """The loaded model for ``info``, loading (and dropping the old one) if needed."""
@@ -120,16 +72,17 @@ class ModelCache:
             return held
 
     def _load(self, info: ModelInfo) -> LoadedProductionModel:
-        from trainer.checkpoint import load_checkpoint
+        from trainer.checkpoint import load_checkpoint, resolve_device
         from trainer.scoring import Scorer
 
-        if not info.path.is_file():
+        path = info.file(self.settings.models_dir)
+        if not path.is_file():
             raise ModelUnavailableError(
-                f"model file for version {info.version} not found at {info.path}"
+                f"model file for version {info.version} not found at {path}"
             )
-        device = resolve_device(self.settings.device)
+        device = str(resolve_device(self.settings.device))
         try:
-            loaded = load_checkpoint(info.path, expected_sha256=info.sha256, device=device)
+            loaded = load_checkpoint(path, expected_sha256=info.sha256, device=device)
         except (ValueError, OSError, RuntimeError) as exc:
             raise ModelUnavailableError(
                 f"model version {info.version} cannot be loaded: {exc}"

@@ -17,18 +17,19 @@ from pydicom.dataset import Dataset
 
 from db import paths
 from db.models import StudyState
+from db.session import Database
 from db.settings import Settings
 from dicom_node import identity
 from dicom_node.results import (
     AnalysisResult,
-    ModelInfo,
+    OutputModel,
     PredecessorRef,
     ScoredImage,
     write_dataset,
 )
+from worker.records import Claim, StudyResult
 
 if TYPE_CHECKING:
-    from worker.analysis import Claim, StudyResult
     from worker.model_cache import LoadedProductionModel
 
 log = logging.getLogger(__name__)
@@ -56,9 +57,9 @@ class PreviousSr:
     sent_as: tuple[str, str] | None = None  # (class, UID) it was delivered as, if another
 
 
-def model_info(model: LoadedProductionModel, settings: Settings) -> ModelInfo:
+def model_info(model: LoadedProductionModel, settings: Settings) -> OutputModel:
     info = model.info
-    return ModelInfo(
+    return OutputModel(
         name=MODEL_NAME, version=info.version, sha256=info.sha256,
         architecture=info.architecture, threshold=info.threshold,
         heatmap_method=settings.heatmap_method, manufacturer=settings.manufacturer,
@@ -175,3 +176,37 @@ def _viewer_objects(analysis: AnalysisResult, settings: Settings,
                                  institution)
         out.append(OutputFile("kos", str(kos.SOPInstanceUID), write_dataset(kos, folder)))
     return out
+
+
+def previous_sr(db: Database, study_id: int) -> PreviousSr | None:
+    """The SR the study's next SR replaces, for its Predecessor Documents Sequence.
+
+    The latest SR of the study that reached the PACS; where none has yet, the latest one
+    still on its way there (pending or sending).  A failed delivery never reached the
+    PACS and is not named.
+    """
+    from sqlalchemy import select
+
+    from db.models import Analysis, Delivery, DeliveryState, ModelVersion
+
+    with db.session() as s:
+        rows = s.execute(
+            select(Delivery.sop_instance_uid, Delivery.path, Delivery.state,
+                   ModelVersion.version, ModelVersion.sha256, Delivery.reason)
+            .join(Analysis, Analysis.id == Delivery.analysis_id)
+            .join(ModelVersion, ModelVersion.id == Analysis.model_version_id)
+            .where(Delivery.study_id == study_id, Delivery.kind == "sr",
+                   Delivery.state != DeliveryState.FAILED)
+            .order_by(Delivery.id.desc())
+        ).all()
+    delivered = [r for r in rows if r[2] == DeliveryState.DELIVERED]
+    candidates = delivered or list(rows)
+    if not candidates:
+        return None
+    row = candidates[0]
+    from worker.delivery import parse_sent_as
+
+    # Delivered in another SR class: the PACS holds that object, so it is the one named.
+    sent_as = parse_sent_as(row[5]) if row[2] == DeliveryState.DELIVERED else None
+    return PreviousSr(str(row[0]), str(row[3]), str(row[4]), path=str(row[1]),
+                      sent_as=sent_as)

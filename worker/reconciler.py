@@ -24,10 +24,11 @@ from typing import Any
 
 from sqlalchemy import and_, or_, select
 
-from db.broker import ANALYSE_TASK
+from db import lifecycle
 from db.models import Delivery, DeliveryState, Study, StudyState, utcnow
 from db.session import Database
 from db.settings import Settings
+from dicom_node.publisher import AppPublisher, PublishError, publish_analysis
 from worker.delivery import Publisher, publish
 
 log = logging.getLogger(__name__)
@@ -62,15 +63,14 @@ def reconcile_once(db: Database, settings: Settings, celery_app: Publisher,
                 or_(Study.published_at.is_(None), Study.published_at <= cutoff),
             ).order_by(Study.id)
         ).all()
+        publisher = AppPublisher(celery_app, settings)
         for study in studies:
             try:
-                celery_app.send_task(ANALYSE_TASK, args=[study.id, study.generation],
-                                     queue=settings.inference_queue)
-            except Exception as exc:  # kombu raises a family of connection errors
+                publish_analysis(s, publisher, study.id, study.generation, now)
+            except PublishError as exc:
                 report.publish_errors += 1
                 log.warning("republish failed study_uid=%s error=%s", study.study_uid, exc)
                 break
-            study.published_at = now
             report.studies.append(study.id)
             log.info("study republished study_uid=%s state=%s generation=%s",
                      study.study_uid, study.state, study.generation)
@@ -79,8 +79,7 @@ def reconcile_once(db: Database, settings: Settings, celery_app: Publisher,
         # (committed before the publish below, so the new message can claim it).
         for row in s.scalars(select(Delivery).where(
                 Delivery.state == DeliveryState.SENDING, Delivery.updated_at <= cutoff)):
-            row.state = DeliveryState.PENDING
-            row.next_attempt_at = now
+            lifecycle.release_lost_sender(row, now)
             log.warning("delivery released after lost sender delivery_id=%s sop_uid=%s",
                         row.id, row.sop_instance_uid)
     with db.session() as s:

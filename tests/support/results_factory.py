@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
-from dicom_node.results import AnalysisResult, ModelInfo, PredecessorRef, ScoredImage
+from dicom_node.results import AnalysisResult, OutputModel, PredecessorRef, ScoredImage
 
 
 def make_model(version: str = "2024.05.1", sha256: str | None = None,
-               threshold: float = 0.42) -> ModelInfo:
-    return ModelInfo(
+               threshold: float = 0.42) -> OutputModel:
+    return OutputModel(
         name="cxr-covid-test",
         version=version,
         sha256=sha256 or (version.encode().hex() * 64)[:64],
@@ -51,7 +51,7 @@ def scored(ds: Dataset, probability: float, with_heatmap: bool = True) -> Scored
 
 
 def make_result(sources: list[Dataset], probabilities: list[float] | None = None,
-                model: ModelInfo | None = None,
+                model: OutputModel | None = None,
                 predecessor: PredecessorRef | None = None) -> AnalysisResult:
     model = model or make_model()
     probabilities = probabilities or [0.8] * len(sources)

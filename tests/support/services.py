@@ -44,15 +44,55 @@ def redis_reachable() -> bool:
     return port_open(REDIS_HOST, REDIS_PORT)
 
 
+_TEMPLATE: str | None = None
+
+
+def postgres_template() -> str:
+    """A database migrated to head once per test process, which every test's database is
+    cloned from (``CREATE DATABASE ... TEMPLATE``) instead of migrating each time."""
+    global _TEMPLATE
+    if _TEMPLATE is None:
+        import tempfile
+
+        import psycopg
+
+        from db.session import Database
+        from db.settings import load_settings
+
+        name = f"cxr_tmpl_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        url = f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+        with tempfile.TemporaryDirectory() as data_dir:
+            db = Database(load_settings(env={}, overrides={"database_url": url,
+                                                           "data_dir": data_dir}))
+            db.dispose()  # a template must have no open connection when it is cloned
+        _TEMPLATE = name
+    return _TEMPLATE
+
+
+def drop_postgres_template() -> None:
+    global _TEMPLATE
+    if _TEMPLATE is None:
+        return
+    import psycopg
+
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{_TEMPLATE}" WITH (FORCE)')
+    _TEMPLATE = None
+
+
 @contextmanager
-def fresh_postgres_database() -> Iterator[str]:
-    """Create an empty PostgreSQL database for one test and drop it afterwards."""
+def fresh_postgres_database(*, migrated: bool = True) -> Iterator[str]:
+    """A PostgreSQL database for one test, dropped afterwards: a clone of the migrated
+    template (``migrated=True``) or an empty one."""
     import psycopg
 
     admin = PG_ADMIN_URL
     name = f"cxr_test_{uuid.uuid4().hex[:12]}"
+    template = f' TEMPLATE "{postgres_template()}"' if migrated else ""
     with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"{template}')
     base = admin.rsplit("/", 1)[0]
     try:
         yield f"{base}/{name}"
@@ -111,11 +151,12 @@ class Orthanc:
         return self.post("/instances", raw=path.read_bytes())
 
     def start(self) -> None:
-        log = open(self.workdir / "orthanc.log", "ab")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            ["Orthanc", str(self.workdir / "orthanc.json")], stdout=log, stderr=log,
-            cwd=self.workdir,
-        )
+        # The child keeps its own copy of the descriptor; ours is closed at once.
+        with open(self.workdir / "orthanc.log", "ab") as log:
+            self.process = subprocess.Popen(
+                ["Orthanc", str(self.workdir / "orthanc.json")], stdout=log, stderr=log,
+                cwd=self.workdir,
+            )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -8,7 +8,7 @@ report (200 or 503); ``/metrics`` the gauges for Prometheus;
 ``/heatmap/<prediction id>.png`` a thumbnail rendered from the stored heatmap alone
 (``.npy`` float map or ``.png``); ``/reports/<path>`` HTML reports and PNG plots under
 ``settings.reports_dir``; ``/static/<file>`` the stylesheet.  Nothing here writes.  The
-radiologists' pages live in :mod:`worker.web_study`.
+radiologists' pages live in :mod:`worker.console.web_study`.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 from db.session import Database
 from db.settings import Settings
 from db.uids import is_valid_uid
-from worker import web_security
-from worker.web_study import (
+from worker.console import web_security
+from worker.console.web_study import (
     MAX_OVERLAY_PX,
     OVERLAY_PX,
     BadQueryError,
@@ -108,7 +108,7 @@ class PageData:
 
 def load_page_data(db: Database, settings: Settings,
                    query: ListQuery | None = None) -> PageData:
-    from worker.status import StatusQuery, collect_status, list_models
+    from worker.console.status import StatusQuery, collect_status, list_models
 
     query = query or ListQuery()
     with db.session() as s:
@@ -272,7 +272,7 @@ class _Handler(BaseHTTPRequestHandler):
             elif path.startswith("/overlay/") and path.endswith(".png"):
                 self._overlay(path[len("/overlay/"):-len(".png")])
             elif path == "/api/status":
-                from worker.status import collect_status
+                from worker.console.status import collect_status
 
                 with app.db.session() as s:
                     body = json.dumps(collect_status(s), sort_keys=True).encode()
@@ -282,7 +282,7 @@ class _Handler(BaseHTTPRequestHandler):
 
                 self._send(HTTPStatus.OK, generate_latest(app.registry), CONTENT_TYPE_LATEST)
             elif path == "/healthz":
-                from worker.health import check_health
+                from worker.console.health import check_health
 
                 params = parse_qs(urlsplit(self.path).query)
                 only = [c for v in params.get("check", []) for c in v.split(",") if c]

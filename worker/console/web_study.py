@@ -6,13 +6,13 @@ row and must lie under its own folder of the data dir (spool, heatmaps, reports)
 path taken from a request.  Patient names and IDs are never shown; the accession number
 is, since it is how a radiologist finds the study in the PACS.
 
-Routes (wired in :mod:`worker.web`):
+Routes (wired in :mod:`worker.console.web`):
 
 - ``/study/<study uid>``: :func:`load_study` + :func:`render_study`;
 - ``/overlay/<prediction id>.png[?px=N]``: :func:`render_overlay_png`, the heatmap over
   the radiograph as in the Secondary Capture (same blend, :func:`dicom_node.burnin.overlay`);
 - ``/models``: :func:`load_models` + :func:`render_models`;
-- ``/?state=S&page=N``: :class:`ListQuery` (the list itself stays in :mod:`worker.web`).
+- ``/?state=S&page=N``: :class:`ListQuery` (the list itself stays in :mod:`worker.console.web`).
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def load_study(db: Database, settings: Settings, study_uid: str) -> StudyView | 
     from sqlalchemy import select
 
     from db.models import Delivery, Instance, Prediction, Study, as_utc
-    from worker.status import _latest_analyses, delivery_dict, prediction_dict
+    from worker.console.status import _latest_analyses, delivery_dict, prediction_dict
 
     with db.session() as s:
         study = s.scalars(select(Study).where(Study.study_uid == study_uid)).first()
@@ -342,7 +342,7 @@ def load_models(db: Database, settings: Settings) -> list[ModelReports]:
     from sqlalchemy import select
 
     from db.models import Evaluation, ModelVersion, RetrainRun
-    from worker.status import list_models
+    from worker.console.status import list_models
 
     root = settings.reports_dir
     with db.session() as s:

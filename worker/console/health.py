@@ -152,7 +152,7 @@ def check_queue_age(settings: Settings, engine: Any) -> str:
 def check_production_model(engine: Any) -> str:
     from sqlalchemy.orm import Session
 
-    from worker.status import production_model
+    from trainer.registry import production_model
 
     with Session(engine) as s:
         model = production_model(s)

@@ -16,9 +16,11 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
+from db.logs import configure_logging
 from db.settings import Settings, SettingsError, load_settings
+from worker.console.render import fmt_prob, render_status_table
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -55,78 +57,8 @@ def _database(settings: Settings) -> Any:
 # ----- subcommands --------------------------------------------------------------------------
 
 
-def _fmt_prob(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
-def _call(pred: dict[str, Any] | None) -> str:
-    if pred is None or pred.get("positive") is None:
-        return "-"
-    return "POSITIVE" if pred["positive"] else "negative"
-
-
-def _delivery_text(deliveries: list[dict[str, Any]]) -> str:
-    if not deliveries:
-        return "-"
-    return ", ".join(f"{d['kind']}:{d['state']}" for d in deliveries)
-
-
-def render_status_table(data: dict[str, Any], out: TextIO) -> None:
-    """A fixed-width table for humans, then the summary."""
-    header = ("STUDY UID", "STATE", "N", "RECEIVED", "PROB", "CALL", "MODEL", "DELIVERY",
-              "REASON")
-    rows = []
-    for st in data["studies"]:
-        pred = st["prediction"]
-        rows.append((
-            st["study_uid"],
-            st["state"],
-            str(st["instances"]),
-            (st["received_at"] or "-")[:19],
-            _fmt_prob(pred["probability"] if pred else None),
-            _call(pred),
-            (pred or {}).get("model_version") or "-",
-            _delivery_text(st["deliveries"]),
-            (st["reason"] or "")[:60],
-        ))
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(header)]
-    line = "  ".join(h.ljust(widths[i]) for i, h in enumerate(header))
-    out.write(line.rstrip() + "\n")
-    for r in rows:
-        out.write("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip() + "\n")
-    if not rows:
-        out.write("(no studies)\n")
-    summ = data["summary"]
-    counts = ", ".join(f"{k}={v}" for k, v in summ["studies_by_state"].items())
-    out.write(f"\nstudies: {summ['total_studies']} ({counts})\n")
-    oldest = summ["oldest_waiting"]
-    if oldest:
-        out.write(f"oldest waiting: {oldest['study_uid']} {oldest['state']} for "
-                  f"{oldest['waiting_seconds']:.0f} s\n")
-    for d in summ["failed_deliveries"]:
-        out.write(f"failed delivery: {d['study_uid']} {d['kind']} -> {d['destination']} "
-                  f"after {d['attempts']} attempts: {d['reason']}\n")
-    prod = summ["production_model"]
-    held = summ.get("newest_model_not_promoted")
-    if prod is None and held is None:
-        out.write("production model: none registered (see `cxr-triage up --help`)\n")
-    elif prod is None:
-        out.write("production model: none\n")
-    else:
-        ev = prod["last_evaluation"]
-        ev_text = "no evaluation" if ev is None else (
-            f"{ev['kind']} on {ev['dataset']}: n={ev['n_images']} AUC={_fmt_prob(ev['auc'])} "
-            f"sens={_fmt_prob(ev['sensitivity'])} spec={_fmt_prob(ev['specificity'])}")
-        out.write(f"production model: {prod['version']} ({prod['architecture']}, "
-                  f"threshold {prod['threshold']:.3f}); last evaluation: {ev_text}\n")
-    if held is not None:
-        out.write(f"newest model {held['version']} is {held['stage']}, not promoted: "
-                  f"{held['not_promoted_reason'] or 'no reason recorded'}\n")
-
-
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.status import StatusQuery, collect_status
+    from worker.console.status import StatusQuery, collect_status
 
     db = _database(settings)
     try:
@@ -157,7 +89,7 @@ def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.status import list_models
+    from worker.console.status import list_models
 
     db = _database(settings)
     try:
@@ -176,8 +108,8 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
         mark = "*" if m["stage"] == "production" else " "
         ev = m["last_evaluation"]
         ev_text = "-" if ev is None else (
-            f"AUC={_fmt_prob(ev['auc'])} sens={_fmt_prob(ev['sensitivity'])} "
-            f"spec={_fmt_prob(ev['specificity'])} n={ev['n_images']} ({ev['kind']})")
+            f"AUC={fmt_prob(ev['auc'])} sens={fmt_prob(ev['sensitivity'])} "
+            f"spec={fmt_prob(ev['specificity'])} n={ev['n_images']} ({ev['kind']})")
         print(f"{mark} {m['version']:<28} {m['stage']:<10} {m['architecture']:<20} "
               f"thr={m['threshold']:.3f} {ev_text}")
         if m["not_promoted_reason"]:
@@ -285,8 +217,8 @@ def cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.web import serve_forever
-    from worker.web_security import WebBindError
+    from worker.console.web import serve_forever
+    from worker.console.web_security import WebBindError
 
     port = settings.web_port if args.port is None else args.port
     try:
@@ -298,7 +230,7 @@ def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.health import check_health
+    from worker.console.health import check_health
 
     only = [c for arg in args.check or [] for c in arg.split(",") if c]
     try:
@@ -311,7 +243,7 @@ def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.up import UpOptions, run_up
+    from worker.console.up import UpOptions, run_up
 
     return run_up(settings, UpOptions(
         bootstrap=Path(args.bootstrap) if args.bootstrap else None,
@@ -322,7 +254,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.demo import DemoOptions, run_demo
+    from worker.console.demo import DemoOptions, run_demo
 
     return run_demo(DemoOptions(
         data=Path(args.data) if args.data else None,
@@ -442,11 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    logging.basicConfig(
-        level=getattr(logging, settings.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(settings.log_level)
     handler: Handler = args.handler
     try:
         return handler(args, settings)

@@ -90,7 +90,7 @@ def children_for(settings: Settings, options: UpOptions) -> list[Child]:
             "--schedule", str(settings.data_dir.resolve() / "celerybeat-schedule"),
         ]))
     if options.web:
-        out.append(Child("web", [py, "-m", "worker.cli", "web", "--host", options.web_host,
+        out.append(Child("web", [py, "-m", "worker.console.cli", "web", "--host", options.web_host,
                                  "--port", str(settings.web_port)]))
     return out
 
@@ -115,7 +115,7 @@ def no_model_advice(bootstrap_hint: str = "../shared/data/cxr") -> str:
 
 def has_production_model(settings: Settings) -> bool:
     from db.session import Database
-    from worker.status import production_model
+    from trainer.registry import production_model
 
     db = Database(settings)  # also brings the schema to head before any child starts
     try:

@@ -21,15 +21,13 @@ from db.models import (
     ModelStage,
     ModelVersion,
     Prediction,
-    RetrainRun,
     Study,
     StudyState,
     as_utc,
     utcnow,
 )
-
-#: Study states in which a study still waits for the pipeline to act on it.
-WAITING_STATES = (StudyState.RECEIVING, StudyState.QUEUED, StudyState.ANALYSING)
+from trainer.registry import production_model
+from worker.gauges import WAITING_STATES
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -217,13 +215,10 @@ def list_models(s: Session) -> list[dict[str, Any]]:
     return [model_dict(s, m) for m in rows]
 
 
-def production_model(s: Session) -> ModelVersion | None:
-    return s.scalars(
-        select(ModelVersion)
-        .where(ModelVersion.stage == ModelStage.PRODUCTION)
-        .order_by(ModelVersion.promoted_at.desc(), ModelVersion.id.desc())
-        .limit(1)
-    ).first()
+def production_row(s: Session) -> ModelVersion | None:
+    """The production model's row, found through the one registry reader."""
+    info = production_model(s)
+    return None if info is None else s.get(ModelVersion, info.id)
 
 
 def summary(s: Session) -> dict[str, Any]:
@@ -254,7 +249,7 @@ def summary(s: Session) -> dict[str, Any]:
         item = delivery_dict(d)
         item["study_uid"] = d.study.study_uid
         failed_list.append(item)
-    prod = production_model(s)
+    prod = production_row(s)
     newest = s.scalars(select(ModelVersion).order_by(ModelVersion.created_at.desc(),
                                                      ModelVersion.id.desc()).limit(1)).first()
     return {
@@ -271,62 +266,3 @@ def summary(s: Session) -> dict[str, Any]:
 def collect_status(s: Session, query: StatusQuery = StatusQuery()) -> dict[str, Any]:
     """The whole ``status --json`` object: ``{"studies": [...], "summary": {...}}``."""
     return {"studies": list_studies(s, query), "summary": summary(s)}
-
-
-@dataclass
-class Gauges:
-    """Numbers the metrics collector exports, read in one short session."""
-
-    studies_by_state: dict[str, int]
-    deliveries_by_state: dict[str, int]
-    oldest_waiting_seconds: float
-    production_version: str | None
-    calls_by_version: dict[str, tuple[int, int]]  # version -> (scored, positive)
-    oldest_queued_seconds: float = 0.0
-    # (finished at, as a Unix time; seconds it took) of the last nightly run that trained
-    last_retrain: tuple[float, float] | None = None
-
-
-def read_gauges(db: Any) -> Gauges:
-    """Current counts for Prometheus; ``db`` is a :class:`db.session.Database`."""
-    from db.models import AnalysisState, DeliveryState
-
-    with db.session() as s:
-        by_state = {state.value: 0 for state in StudyState}
-        for state, n in s.execute(select(Study.state, func.count()).group_by(Study.state)):
-            by_state[str(state)] = int(n)
-        deliveries = {state.value: 0 for state in DeliveryState}
-        for state, n in s.execute(select(Delivery.state, func.count())
-                                  .group_by(Delivery.state)):
-            deliveries[str(state)] = int(n)
-        oldest = s.scalar(select(func.min(Study.received_at))
-                          .where(Study.state.in_([w.value for w in WAITING_STATES])))
-        oldest_aware = as_utc(oldest)
-        wait = (utcnow() - oldest_aware).total_seconds() if oldest_aware else 0.0
-        prod = production_model(s)
-        calls: dict[str, tuple[int, int]] = {}
-        rows = s.execute(
-            select(ModelVersion.version, Analysis.positive, func.count())
-            .join(Analysis, Analysis.model_version_id == ModelVersion.id)
-            .where(Analysis.state == AnalysisState.DONE, Analysis.positive.is_not(None))
-            .group_by(ModelVersion.version, Analysis.positive)
-        ).all()
-        for version, positive, n in rows:
-            total, pos = calls.get(version, (0, 0))
-            calls[version] = (total + int(n), pos + (int(n) if positive else 0))
-        queued = as_utc(s.scalar(select(func.min(func.coalesce(Study.queued_at,
-                                                               Study.received_at)))
-                                 .where(Study.state == StudyState.QUEUED)))
-        queued_wait = (utcnow() - queued).total_seconds() if queued else 0.0
-        run = s.scalars(select(RetrainRun)
-                        .where(RetrainRun.status == "done", RetrainRun.dry_run.is_(False),
-                               RetrainRun.finished_at.is_not(None))
-                        .order_by(RetrainRun.finished_at.desc()).limit(1)).first()
-        last_retrain = None
-        if run is not None:
-            finished, started = as_utc(run.finished_at), as_utc(run.started_at)
-            assert finished is not None and started is not None
-            last_retrain = (finished.timestamp(), (finished - started).total_seconds())
-        return Gauges(by_state, deliveries, max(0.0, wait),
-                      prod.version if prod is not None else None, calls,
-                      max(0.0, queued_wait), last_retrain)
