@@ -163,6 +163,7 @@ def _train_and_decide(db: Database, settings: Settings, datasets: list[Path], dr
     log.info("retrain data run=%d images=%d train=%d validation=%d test=%d", run_id,
              len(gathered.records), len(gathered.train), len(gathered.validation),
              len(gathered.test))
+    steps.require_both_classes(gathered)
     result, init = steps.train(settings, gathered, overrides, warm_start, champion)
     ev = steps.evaluate(settings, gathered, result, init)
     decision = steps.decide(settings, ev, gathered.unreadable, dry_run)

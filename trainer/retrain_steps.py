@@ -132,11 +132,14 @@ def gather(db: Database, settings: Settings, datasets: Sequence[Path]) -> Gather
     """Labelled images (database studies and ``datasets`` folders), split by patient."""
     records, unreadable = drop_unreadable(load_records(db, settings, list(datasets)))
     parts = split_records(records, settings.split_key, settings.split_fractions)
-    gathered = Gathered(records, unreadable, parts[Split.TRAIN], parts[Split.VALIDATION],
-                        parts[Split.TEST])
+    return Gathered(records, unreadable, parts[Split.TRAIN], parts[Split.VALIDATION],
+                    parts[Split.TEST])
+
+
+def require_both_classes(gathered: Gathered) -> None:
+    """Refuse to train where the test patients cannot show a challenger's worth."""
     if not gathered.test or len({r.label for r in gathered.test}) < 2:
         raise TrainingError("the test patients do not hold both classes; label more studies")
-    return gathered
 
 
 def train(settings: Settings, gathered: Gathered, overrides: Mapping[str, Any],
