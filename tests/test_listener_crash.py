@@ -3,12 +3,8 @@ survives, nothing half-written stays), peers that stall mid-PDU, a spool that va
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -29,42 +25,11 @@ from tests.support.listener_peers import (
     instance_rows,
     send_files_pynetdicom,
 )
+from tests.support.node_process import NodeProcess
 from tests.support.services import wait_until
 
 pytestmark = pytest.mark.slow
 DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
-
-
-class NodeProcess:
-    """``python -m dicom_node`` as a child process on a free port."""
-
-    def __init__(self, settings: Settings, log: Path) -> None:
-        self.settings = settings
-        self.log = log
-        self.proc: subprocess.Popen[str] | None = None
-        self.port = 0
-
-    def start(self, *extra: str) -> None:
-        cmd = [sys.executable, "-m", "dicom_node", "--port", "0", "--bind-address", "127.0.0.1",
-               "--data-dir", str(self.settings.data_dir), "--database-url",
-               self.settings.effective_database_url, "--min-free-mb", "1", "--no-stability",
-               *extra]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log.open("a"),
-                                     text=True, cwd=Path(__file__).resolve().parents[1])
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line.startswith("LISTENING port="), f"node did not start: {line!r}"
-        self.port = int(line.strip().split("=", 1)[1])
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
 
 
 @pytest.fixture

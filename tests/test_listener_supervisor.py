@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +21,7 @@ from db.settings import Settings
 from dicom_node import spool
 from tests.support.dicom_factory import make_study_files
 from tests.support.listener_peers import assert_acknowledged_intact, instance_rows, spool_files
+from tests.support.node_process import NodeProcess
 from tests.support.services import port_open, wait_until
 
 pytestmark = pytest.mark.slow
@@ -46,43 +45,16 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-class SupervisedNode:
-    """``python -m dicom_node --listener-processes 2`` as a child process on a free port."""
+class SupervisedNode(NodeProcess):
+    """``python -m dicom_node --listener-processes 2``: a supervisor and its children."""
 
-    def __init__(self, settings: Settings, log: Path) -> None:
-        self.settings = settings
-        self.log = log
-        self.proc: subprocess.Popen[str] | None = None
-        self.port = 0
-
-    def start(self) -> None:
-        cmd = [sys.executable, "-m", "dicom_node", "--port", "0", "--bind-address", "127.0.0.1",
-               "--data-dir", str(self.settings.data_dir), "--database-url",
-               self.settings.effective_database_url, "--min-free-mb", "1", "--no-stability",
-               "--listener-processes", str(PROCESSES)]
-        self._close_pipe()  # a restart: the killed supervisor's pipe is done with
-        with self.log.open("a") as log:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
-                                         cwd=Path(__file__).resolve().parents[1])
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line.startswith("LISTENING port="), f"node did not start: {line!r}"
-        self.port = int(line.strip().split("=", 1)[1])
+    def start(self, *extra: str) -> None:
+        super().start("--listener-processes", str(PROCESSES), *extra)
         assert len(self.children()) == PROCESSES
 
     def children(self) -> list[int]:
         assert self.proc is not None
         return [pid for pid in _children(self.proc.pid) if _alive(pid)]
-
-    def _close_pipe(self) -> None:
-        if self.proc is not None and self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=60)
-        self._close_pipe()
 
 
 @pytest.fixture
