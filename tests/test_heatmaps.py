@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,7 +95,7 @@ def test_gradcam_probabilities_match_the_scorer(trained: LoadedModel) -> None:
                                atol=1e-5)
 
 
-def test_compute_follows_settings_and_writes_file(trained: LoadedModel, make_settings) -> None:  # type: ignore[no-untyped-def]
+def test_compute_follows_settings(trained: LoadedModel, make_settings) -> None:  # type: ignore[no-untyped-def]
     img = positive(64)
     s: Settings = make_settings(heatmap_method="occlusion", occlusion_size=16,
                                 occlusion_stride=16, occlusion_batch=8)
@@ -106,17 +105,6 @@ def test_compute_follows_settings_and_writes_file(trained: LoadedModel, make_set
     )
     cam = heatmaps.compute(trained, img, s.replace(heatmap_method="gradcam"), device="cpu")
     np.testing.assert_allclose(cam, heatmaps.gradcam(trained, img, device="cpu"), atol=1e-5)
-    path = heatmaps.save_heatmap(cam, s, "1.2.3", "1.2.3.4")
-    assert path == s.heatmaps_dir / "1.2.3" / "1.2.3.4.npy" and path.is_file()
-    stored = np.load(path)
-    assert stored.dtype == np.float16 and stored.shape == img.shape
-    np.testing.assert_allclose(heatmaps.read_heatmap(path), cam, atol=1e-3)
-    assert [p.name for p in path.parent.iterdir()] == ["1.2.3.4.npy"]
-
-
-def test_write_heatmap_to_any_path(tmp_path: Path) -> None:
-    path = heatmaps.write_heatmap(np.linspace(0, 1, 12).reshape(3, 4), tmp_path / "a" / "h.npy")
-    assert np.load(path).shape == (3, 4)
 
 
 def test_bad_occlusion_parameters(trained: LoadedModel) -> None:

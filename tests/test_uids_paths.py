@@ -10,7 +10,7 @@ import pytest
 from db import paths
 from db.settings import Settings
 from db.uids import InvalidUidError, Uid, is_valid_uid, parse_uid
-from trainer.heatmaps import heatmap_path
+from worker.heatmap_store import heatmap_path
 from worker.outputs import study_outbox
 
 HOSTILE = ["../../x", "/some/dir", "..", ".", "1.2/../../3", "1.2.3\\..\\x", "", "1..2",

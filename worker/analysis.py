@@ -240,7 +240,7 @@ def score_images(images: list[ImageResult], model: LoadedProductionModel,
     Grad-CAM, from that same forward pass).
 
     CUDA out-of-memory surfaces from the scorer as TransientError (retried)."""
-    from trainer.heatmaps import save_heatmap
+    from worker.heatmap_store import save_heatmap
 
     scored = [img for img in images if img.scored and img.image is not None]
     if not scored:

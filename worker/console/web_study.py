@@ -283,7 +283,7 @@ def render_overlay_png(db: Database, settings: Settings, prediction_id: int,
     from db.models import Instance, Prediction
     from dicom_node.burnin import colorize, overlay, target_size
     from dicom_node.pixels import load_image_file
-    from trainer.heatmaps import read_heatmap
+    from worker.heatmap_store import read_heatmap
 
     with db.session() as s:
         pred = s.get(Prediction, prediction_id)
