@@ -32,8 +32,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from dicom_node.pixels import Letterbox, load_image_file, prepare_image
+from dicom_node.pixels import load_image_file
 from trainer.metrics import delong_ci
+from trainer.transforms import Letterbox, prepare_image
 
 log = logging.getLogger("protocol")
 

@@ -16,18 +16,16 @@ Colour: RGB and YBR secondary captures (some archives store chest radiographs th
 converted to luminance (ITU-R BT.601) rather than rejected; PALETTE COLOR and other
 photometric interpretations raise :class:`UnsupportedImageError`.
 
-Then :func:`prepare_image` letterboxes to the network's square input and applies the
-optional contrast normalisation chosen by the model's preprocessing record.
+Decoding only: letterboxing, contrast and normalisation for the network are model
+preprocessing and live in :mod:`trainer.transforms`.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
@@ -45,7 +43,6 @@ log = logging.getLogger(__name__)
 
 FloatImage = np.ndarray  # float32, H x W, values in [0, 1]
 
-CONTRAST_METHODS = ("none", "clahe", "equalize")
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420")
 ROBUST_PERCENTILES = (0.5, 99.5)
@@ -207,100 +204,9 @@ def load_image_file(path: Path) -> FloatImage:
     return _load_raster(path)
 
 
-@dataclass(frozen=True)
-class Letterbox:
-    """How a source image sits inside the square network input.
-
-    The image was scaled by ``scale`` to ``height`` x ``width`` and placed at
-    (``top``, ``left``) in a ``size`` x ``size`` square padded with zeros.
-    """
-
-    size: int
-    scale: float
-    top: int
-    left: int
-    height: int
-    width: int
-    source_height: int
-    source_width: int
-
-    def to_source(self, map_sq: np.ndarray, shape: tuple[int, int] | None = None) -> np.ndarray:
-        """A map on the square back to the source resolution (``shape`` = (h, w))."""
-        h, w = shape if shape is not None else (self.source_height, self.source_width)
-        sq: np.ndarray = np.asarray(map_sq, dtype=np.float32)
-        if sq.shape != (self.size, self.size):
-            sq = np.asarray(cv2.resize(sq, (self.size, self.size), interpolation=cv2.INTER_LINEAR))
-        inner = sq[self.top : self.top + self.height, self.left : self.left + self.width]
-        out = cv2.resize(np.ascontiguousarray(inner), (int(w), int(h)),
-                         interpolation=cv2.INTER_LINEAR)
-        return np.asarray(out, dtype=np.float32)
-
-
-def _fit(img: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
-    h, w = img.shape
-    if h < 1 or w < 1:
-        raise UnsupportedImageError(f"empty image of shape {img.shape}")
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    src: np.ndarray = np.ascontiguousarray(img, dtype=np.float32)
-    factor = int(1.0 / scale) if scale < 0.5 else 1
-    if factor >= 2:
-        # Integer-factor area reduction first (OpenCV's fast path), then the fractional rest:
-        # half the time of one INTER_AREA pass on a 1024 x 1024 radiograph.
-        src = cv2.resize(src, (max(nw, w // factor), max(nh, h // factor)),
-                         interpolation=cv2.INTER_AREA)
-    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    resized = cv2.resize(src, (nw, nh), interpolation=interp)
-    top, left = (size - nh) // 2, (size - nw) // 2
-    return resized, Letterbox(size, scale, top, left, nh, nw, h, w)
-
-
-def _pad(resized: np.ndarray, box: Letterbox) -> np.ndarray:
-    square = np.zeros((box.size, box.size), dtype=np.float32)
-    square[box.top : box.top + box.height, box.left : box.left + box.width] = resized
-    return square
-
-
-def letterbox(img: FloatImage, size: int) -> tuple[np.ndarray, Letterbox]:
-    """Resize keeping the aspect ratio (INTER_AREA when shrinking) and pad to a square."""
-    resized, box = _fit(img, size)
-    return _pad(np.clip(resized, 0.0, 1.0), box), box
-
-
-def apply_contrast(
-    img: FloatImage, method: str, clahe_clip: float = 2.0, clahe_tiles: int = 8
-) -> FloatImage:
-    """Optional contrast normalisation on an 8-bit rendering: CLAHE or global equalisation."""
-    if method == "none":
-        return img
-    if method not in CONTRAST_METHODS:
-        raise ValueError(f"contrast method {method!r} must be one of {CONTRAST_METHODS}")
-    u8 = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
-    if method == "clahe":
-        clahe = cv2.createCLAHE(clipLimit=clahe_clip, tileGridSize=(clahe_tiles, clahe_tiles))
-        out = clahe.apply(u8)
-    else:
-        out = cv2.equalizeHist(u8)
-    return out.astype(np.float32) / 255.0
-
-
-def prepare_image(
-    img: FloatImage, size: int, contrast: str = "none", clahe_clip: float = 2.0,
-    clahe_tiles: int = 8,
-) -> tuple[np.ndarray, Letterbox]:
-    """Letterbox to ``size`` and apply the contrast method to the image (not the padding)."""
-    resized, box = _fit(img, size)
-    resized = apply_contrast(np.clip(resized, 0.0, 1.0), contrast, clahe_clip, clahe_tiles)
-    return _pad(resized, box), box
-
-
 __all__ = [
-    "CONTRAST_METHODS",
-    "Letterbox",
-    "apply_contrast",
+    "FloatImage",
     "decode_pixels",
     "is_dicom_file",
-    "letterbox",
     "load_image_file",
-    "prepare_image",
 ]

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from db.atomic import file_sha256, write_atomically
-from dicom_node.pixels import CONTRAST_METHODS
 from trainer.architectures import build_model, normalisation
 
 FORMAT = "cxr-triage-checkpoint/1"
@@ -31,6 +30,9 @@ FORMAT = "cxr-triage-checkpoint/1"
 TWO_CLASSES: tuple[str, ...] = ("not_covid", "covid")
 THREE_CLASSES: tuple[str, ...] = ("normal", "other_pneumonia", "covid")
 KNOWN_CLASSES = (TWO_CLASSES, THREE_CLASSES)
+
+# The contrast normalisations a model's preprocessing may name (trainer.transforms).
+CONTRAST_METHODS = ("none", "clahe", "equalize")
 
 
 class CheckpointError(RuntimeError):
@@ -45,7 +47,7 @@ class ChecksumMismatchError(CheckpointError):
 class Preprocessing:
     """How a [0, 1] grayscale image becomes the network's input, beyond the letterbox."""
 
-    contrast: str = "none"  # none, clahe or equalize (dicom_node.pixels.apply_contrast)
+    contrast: str = "none"  # none, clahe or equalize (trainer.transforms.apply_contrast)
     clahe_clip: float = 2.0
     clahe_tiles: int = 8
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)

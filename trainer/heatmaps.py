@@ -19,11 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from db.settings import Settings
-from dicom_node.pixels import Letterbox
 from trainer.architectures import gradcam_layer
 from trainer.checkpoint import LoadedModel, findings, resolve_device
 from trainer.scoring import autocast_dtype, gpu_memory_is_transient
-from trainer.transforms import prepare_batch
+from trainer.transforms import Letterbox, prepare_batch
 
 METHODS = ("gradcam", "occlusion")
 
