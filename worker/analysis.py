@@ -6,8 +6,9 @@ results:
 1. :func:`claim` (one short transaction): checks the message is still wanted (study
    exists, generation current, not finished), that a production model exists, and that
    the attempt budget is not spent; then marks the study ``analysing``.
-2. The work, outside any transaction: selection, pixels, one forward pass, heatmaps,
-   SR and SC files (deterministic UIDs, so a rerun rewrites the same files).
+2. The work, outside any transaction: selection and pixels (:mod:`worker.study_files`,
+   each file parsed once), one forward pass, heatmaps, SR and SC files (deterministic
+   UIDs, so a rerun rewrites the same files).
 3. :func:`finish` (one transaction): Analysis + Predictions + Study state + Delivery rows
    together.  The unique (study, model version, generation) key makes a racing duplicate
    roll back, and a generation bumped meanwhile makes the result stale and discarded.
@@ -25,13 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db import lifecycle
-from db.errors import BadInputError, TransientError
 from db.lifecycle import AnalyseStatus
 from db.models import (
     Analysis,
@@ -56,6 +55,7 @@ from worker.model_cache import (
 )
 from worker.outputs import previous_sr
 from worker.records import Claim, ImageResult, InstanceRef, Outcome, StudyResult
+from worker.study_files import load_pixels, read_instances, select_images
 
 log = logging.getLogger(__name__)
 
@@ -153,87 +153,6 @@ def release_waiting(db: Database, study_id: int, generation: int, reason: str,
 
 
 # ---------------------------------------------------------------------------------- work
-#: What pydicom and the pixel pipeline raise for damaged or unusual data beyond their own
-#: error types (a Modality LUT with 12-bit entries gives a TypeError, for instance): the
-#: data's fault, recorded for that image, never "internal error".
-DECODE_ERRORS: tuple[type[Exception], ...] = (
-    ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError,
-    NotImplementedError, ZeroDivisionError, EOFError, MemoryError)
-_HEADER_ERRORS: tuple[type[Exception], ...] = (InvalidDicomError, OSError, *DECODE_ERRORS)
-_PIXEL_ERRORS: tuple[type[Exception], ...] = (BadInputError, *DECODE_ERRORS)
-
-def read_headers(refs: tuple[InstanceRef, ...]) -> list[Any]:
-    """Headers without pixels, for the selection rules; None where a file is unreadable."""
-    import pydicom
-
-    headers: list[Any] = []
-    for ref in refs:
-        try:
-            headers.append(pydicom.dcmread(ref.path, stop_before_pixels=True))
-        except FileNotFoundError as exc:
-            # The spool is ours: a missing file is our infrastructure's trouble.
-            raise TransientError(f"spooled file missing for {ref.sop_instance_uid}") from exc
-        except _HEADER_ERRORS as exc:
-            log.warning("unreadable instance sop_uid=%s error=%s", ref.sop_instance_uid, exc)
-            headers.append(None)
-    return headers
-
-
-
-def select_images(refs: tuple[InstanceRef, ...], headers: list[Any],
-                  settings: Settings) -> list[ImageResult]:
-    """Apply ``settings.selection_rules``: which instances are scored, and why not."""
-    from dicom_node.selection import select_instances
-
-    results = [ImageResult(ref, scored=False, header=h)
-               for ref, h in zip(refs, headers, strict=True)]
-    readable = [i for i, h in enumerate(headers) if h is not None]
-    for i, h in enumerate(headers):
-        if h is None:
-            results[i].skip_reason = "bad input: not a readable DICOM file"
-            results[i].bad_input = True
-        elif not is_valid_uid(refs[i].sop_instance_uid):
-            results[i].skip_reason = "bad input: invalid SOPInstanceUID"
-            results[i].bad_input = True
-            results[i].header = None
-    readable = [i for i in readable if results[i].skip_reason is None]
-    selections = select_instances([headers[i] for i in readable], settings.selection_rules)
-    for sel in selections:
-        target = results[readable[sel.index]]
-        target.scored = bool(sel.scored)
-        target.skip_reason = None if sel.scored else (sel.reason or "not selected")
-    return results
-
-
-def load_pixels(images: list[ImageResult]) -> None:
-    """Decode each selected image; bad pixels turn that image into a recorded skip."""
-    import pydicom
-
-    from dicom_node.pixels import decode_pixels
-
-    for img in images:
-        if not img.scored:
-            continue
-        t0 = time.perf_counter()
-        try:
-            ds = pydicom.dcmread(img.instance.path)
-            img.image = decode_pixels(ds)
-        except FileNotFoundError as exc:
-            raise TransientError(f"spooled file missing for {img.instance.sop_instance_uid}") \
-                from exc
-        except _PIXEL_ERRORS as exc:
-            img.scored = False
-            img.bad_input = True
-            img.image = None
-            kind = type(exc).__name__ if isinstance(exc, BadInputError) else \
-                f"UndecodablePixelsError: {type(exc).__name__}"
-            img.skip_reason = f"bad input: {kind}: {exc}"[:500]
-            log.warning("bad input sop_uid=%s reason=%s", img.instance.sop_instance_uid,
-                        img.skip_reason)
-            continue
-        img.timings["decode_s"] = time.perf_counter() - t0
-
-
 def score_images(images: list[ImageResult], model: LoadedProductionModel,
                  settings: Settings, study_uid: str) -> None:
     """One forward pass for every scored image of the study, and one heatmap each (for
@@ -306,8 +225,8 @@ def summarise(images: list[ImageResult], threshold: float,
 def compute(claim_: Claim, model: LoadedProductionModel, settings: Settings) -> StudyResult:
     """Steps 2: everything between claiming and storing; touches no database."""
     t0 = time.perf_counter()
-    headers = read_headers(claim_.instances)
-    images = select_images(claim_.instances, headers, settings)
+    datasets = read_instances(claim_.instances)  # each file parsed once per analysis
+    images = select_images(claim_.instances, datasets, settings)
     load_pixels(images)
     score_images(images, model, settings, claim_.study_uid)
     result = summarise(images, model.info.threshold, model.loaded.meta.pneumonia_threshold)
