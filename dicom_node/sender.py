@@ -193,23 +193,29 @@ def _choose(ds: Dataset, accepted: list[PresentationContext]) -> tuple[UID, UID]
     return None
 
 
-def variant_path(path: Path, sop_class: UID, transfer_syntax: UID) -> Path:
-    """Where the variant of ``path`` in another class or syntax is kept."""
-    ds = dcmread(path, stop_before_pixels=True)
+def variant_path(path: Path, sop_class: UID, transfer_syntax: UID,
+                 header: Dataset | None = None) -> Path:
+    """Where the variant of ``path`` in another class or syntax is kept (``header``: the
+    file's already parsed header, so that it is not read again)."""
+    ds = dcmread(path, stop_before_pixels=True) if header is None else header
     if UID(ds.SOPClassUID) == sop_class and \
             UID(ds.file_meta.TransferSyntaxUID) == transfer_syntax:
         return path
     return path.with_name(f"{path.stem}.{sop_class}.{transfer_syntax}.dcm")
 
 
-def _variant(path: Path, sop_class: UID, transfer_syntax: UID) -> Path:
-    """The file to send: ``path`` itself, or its variant, written once (first kept)."""
+def _variant(path: Path, header: Dataset, sop_class: UID, transfer_syntax: UID,
+             ) -> tuple[Path, str]:
+    """The file to send and the SOP Instance UID it carries: ``path`` itself, or its
+    variant, written once (first kept)."""
     from db.atomic import write_atomically
     from dicom_node import identity
 
-    target = variant_path(path, sop_class, transfer_syntax)
-    if target == path or target.is_file():
-        return target
+    target = variant_path(path, sop_class, transfer_syntax, header)
+    if target == path:
+        return target, str(header.SOPInstanceUID)
+    if target.is_file():
+        return target, str(dcmread(target, stop_before_pixels=True).SOPInstanceUID)
     ds = dcmread(path)
     if UID(ds.SOPClassUID) != sop_class:
         # Another class is another object: a UID of its own, derived from the original's.
@@ -225,10 +231,14 @@ def _variant(path: Path, sop_class: UID, transfer_syntax: UID) -> Path:
     write_atomically(target, lambda fh: ds.save_as(fh, enforce_file_format=True))
     log.info("wrote %s variant of sop=%s as %s", transfer_syntax.name, path.stem,
              target.name)
-    return target
+    return target, str(ds.SOPInstanceUID)
 
 
-def _read_header(path: Path) -> Dataset:
+def read_header(path: Path) -> Dataset:
+    """The header of an outbox file to send, checked for what sending needs.
+
+    Raises :class:`BadInputError` where the file cannot be read or lacks a UID or its
+    Transfer Syntax UID: sending it again will not help."""
     try:
         ds = dcmread(path, stop_before_pixels=True)
     except (OSError, InvalidDicomError) as exc:
@@ -252,8 +262,7 @@ def _store(assoc: Association, path: Path, ds: Dataset,
     if choice is None:
         return _refused(ds)
     sop_class, ts = choice
-    target = _variant(path, sop_class, ts)
-    sent_uid = str(dcmread(target, stop_before_pixels=True).SOPInstanceUID)
+    target, sent_uid = _variant(path, ds, sop_class, ts)
     with _chunked_sends():
         response = assoc.send_c_store(target)
     status = response.get("Status") if response else None
@@ -267,13 +276,19 @@ def _store(assoc: Association, path: Path, ds: Dataset,
 
 
 def send_files(paths: Sequence[Path], destination: Destination, calling_ae: str,
-               timeout: float = 30.0) -> list[SendOutcome]:
+               timeout: float = 30.0, headers: Sequence[Dataset] | None = None,
+               ) -> list[SendOutcome]:
     """Send ``paths`` to ``destination`` over one association; one outcome per path.
 
-    Raises :class:`BadInputError` only where a file itself cannot be read: that is not
-    the peer's fault and sending it again will not help.
+    ``headers`` are the files' headers from :func:`read_header` where the caller already
+    read them (each file is then parsed once before it is streamed).  Raises
+    :class:`BadInputError` only where a file itself cannot be read: that is not the
+    peer's fault and sending it again will not help.
     """
-    headers = [_read_header(p) for p in paths]
+    if headers is None:
+        headers = [read_header(p) for p in paths]
+    elif len(headers) != len(paths):
+        raise ValueError("one header per path")
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = timeout
     ae.dimse_timeout = timeout
@@ -339,6 +354,7 @@ __all__ = [
     "SendOutcome",
     "outcome_for_status",
     "proposals",
+    "read_header",
     "send_file",
     "send_files",
     "variant_path",

@@ -75,12 +75,12 @@ def test_documented_accepted_syntaxes_are_exactly_what_the_listener_accepts(
 def test_documented_proposals_are_what_the_sender_proposes(tmp_path: Path) -> None:
     from dicom_node.results import write_dataset
     from dicom_node.sc import build_heatmap_sc
-    from dicom_node.sender import _read_header
+    from dicom_node.sender import read_header
 
     source = make_cxr(rows=64, cols=64)
     sr = write_dataset(build_sr(make_result([source])), tmp_path)
     sc = write_dataset(build_heatmap_sc(scored(source, 0.5), make_model()), tmp_path)
-    proposed = proposals([_read_header(sr), _read_header(sc)])
+    proposed = proposals([read_header(sr), read_header(sc)])
     table = _section("#### Presentation contexts proposed")
     rows = {m.group(1): m.group(2) for m in
             re.finditer(r"^\| [^`|]+`([0-9.]+)` \| ([^|]+) \|$", table, flags=re.M)}

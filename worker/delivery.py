@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
@@ -36,8 +36,11 @@ from db.models import (
 )
 from db.session import Database
 from db.settings import Destination, Settings
-from dicom_node.sender import SendOutcome, send_files
+from dicom_node.sender import SendOutcome, read_header, send_files
 from worker import metrics
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -147,33 +150,25 @@ def send_many(paths: Sequence[Path], destination: Destination,
     """
     results: list[SendResult | None] = [None] * len(paths)
     readable: list[int] = []
+    headers: list[Dataset] = []
     for i, path in enumerate(paths):
         if not path.is_file():
             results[i] = SendResult(False, None, f"outbox file missing: {path}",
                                     permanent=True)
             continue
         try:
-            _read_check(path)
+            headers.append(read_header(path))  # each outbox file is parsed once
         except BadInputError as exc:
             results[i] = SendResult(False, None, f"outbox file unreadable: {exc}",
                                     permanent=True)
             continue
         readable.append(i)
     if readable:
-        outcomes = send_files([paths[i] for i in readable], destination, calling_ae)
+        outcomes = send_files([paths[i] for i in readable], destination, calling_ae,
+                              headers=headers)
         for i, outcome in zip(readable, outcomes, strict=True):
             results[i] = _result(outcome)
     return [r for r in results if r is not None]
-
-
-def _read_check(path: Path) -> None:
-    from pydicom import dcmread
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        dcmread(path, stop_before_pixels=True)
-    except (OSError, InvalidDicomError) as exc:
-        raise BadInputError(f"cannot read {path.name} for sending: {exc}") from exc
 
 
 def _claim(db: Database, delivery_id: int, now: datetime) -> Delivery | None:
