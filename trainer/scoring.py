@@ -40,6 +40,7 @@ from dicom_node.pixels import load_image_file
 from trainer.architectures import gradcam_layer
 from trainer.checkpoint import PRECISIONS, LoadedModel, findings, resolve_device
 from trainer.heatmaps import (
+    METHODS,
     gradcam_squares,
     occlude,
     occlusion_windows,
@@ -243,8 +244,7 @@ class Scorer:
                                   settings.occlusion_batch)
         if settings.heatmap_method == "gradcam":
             return self.findings_and_gradcam([image01])[0][0]
-        raise ValueError(f"heatmap method {settings.heatmap_method!r} must be gradcam or "
-                         "occlusion")
+        raise ValueError(f"heatmap method {settings.heatmap_method!r} must be one of {METHODS}")
 
 
 __all__ = ["DECODE_CHUNK", "Scorer", "autocast_dtype", "gpu_memory_is_transient"]
