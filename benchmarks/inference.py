@@ -36,7 +36,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dicom_node.pixels import load_image_file  # noqa: E402
-from trainer import heatmaps  # noqa: E402
 from trainer.architectures import build_model  # noqa: E402
 from trainer.checkpoint import (  # noqa: E402
     ModelMeta,
@@ -168,13 +167,12 @@ def bench_backbone(name: str, args: argparse.Namespace, device: torch.device,
     out["prepare_ms_per_image"] = (time.perf_counter() - t0) / (3 * batch) * 1e3
 
     image = images[0]
-    _, per = rate(lambda: heatmaps.gradcam(loaded, image, device=device), 1, device,
+    _, per = rate(lambda: scorer.findings_and_gradcam([image]), 1, device,
                   args.seconds, warmup=1)
     out["gradcam_ms"] = per * 1e3
     if not args.skip_occlusion:
-        _, per = rate(lambda: heatmaps.occlusion(loaded, image, args.occlusion_size,
-                                                 args.occlusion_stride, args.occlusion_batch,
-                                                 device=device),
+        _, per = rate(lambda: scorer.occlusion(image, args.occlusion_size,
+                                               args.occlusion_stride, args.occlusion_batch),
                       1, device, 0.0, warmup=1)
         out["occlusion_ms"] = per * 1e3
     return out

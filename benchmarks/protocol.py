@@ -493,14 +493,14 @@ def evaluate(dataset: Path, work: Path, variants: Sequence[str],
 def _gradcam_peaks(result: Any, rows: Sequence[Row], masked: dict[str, Path]) -> tuple[int, int]:
     """(peaks inside the lung mask, images with a mask) for the whole network's Grad-CAM."""
     from trainer.checkpoint import LoadedModel
-    from trainer.heatmaps import gradcam_batch
+    from trainer.scoring import Scorer
 
-    loaded = LoadedModel(model=result.model.eval(), meta=result.meta, sha256="")
+    scorer = Scorer(LoadedModel(model=result.model.eval(), meta=result.meta, sha256=""), "cpu")
     todo = [r for r in rows if r.rel in masked]
     inside = 0
     for s in range(0, len(todo), 16):
         chunk = todo[s:s + 16]
-        maps = gradcam_batch(loaded, [load_image_file(r.path) for r in chunk], "cpu")
+        maps = scorer.findings_and_gradcam([load_image_file(r.path) for r in chunk])[0]
         for r, cam in zip(chunk, maps, strict=True):
             mask = cv2.imread(str(masked[r.rel]), cv2.IMREAD_GRAYSCALE) > 127
             if mask.shape != cam.shape:

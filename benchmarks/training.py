@@ -39,17 +39,11 @@ from trainer.architectures import build_model, freeze_until  # noqa: E402
 from trainer.checkpoint import ModelMeta, Preprocessing  # noqa: E402
 from trainer.datasets import folder_records  # noqa: E402
 from trainer.features import cutoff_index, split_model  # noqa: E402
+from trainer.fit import feature_scores, fit_on_features  # noqa: E402
 from trainer.metrics import evaluate_scores  # noqa: E402
 from trainer.splits import patient_fraction  # noqa: E402
-from trainer.train import (  # noqa: E402
-    TrainConfig,
-    _predict,
-    extract,
-    feature_cache,
-    fit_on_features,
-    sample_weights,
-    seed_everything,
-)
+from trainer.targets import sample_weights  # noqa: E402
+from trainer.train import TrainConfig, extract, feature_cache, seed_everything  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "cxr"
 
@@ -101,7 +95,7 @@ def cmd_cv(args: argparse.Namespace) -> dict[str, Any]:
         fit_on_features(model, arch, k, suffix, feats[tr],
                         torch.tensor(y[tr], dtype=torch.float32), feats[va][:, :1], y[va],
                         cfg, torch.device("cpu"), weights)
-        oof[te] = _predict(suffix, feats[te][:, 0], torch.device("cpu"))
+        oof[te] = feature_scores(suffix, feats[te][:, 0], torch.device("cpu"))
     ev = evaluate_scores(y, oof, 0.5, groups=[r.source for r in records])
     return {"cmd": "cv", "size": cfg.input_size, "contrast": cfg.contrast, "cutoff": cfg.cutoff,
             "views": cfg.views, "head_epochs": cfg.head_epochs, "epochs": cfg.epochs,

@@ -109,3 +109,21 @@ def test_overwrite_is_atomic_replacement(tmp_path: Path) -> None:
 def test_invalid_contrast_is_rejected() -> None:
     with pytest.raises(ValueError):
         Preprocessing(contrast="sharpen")
+
+
+def test_precision_policy_is_recorded_and_old_files_score_in_float32(tmp_path: Path) -> None:
+    """The file records the CUDA compute dtype its scores use; a file written before the
+    policy existed has none and loads as float32."""
+    import dataclasses
+
+    model = build_model("tiny_cnn", pretrained=False)
+    half = dataclasses.replace(meta(), precision="bfloat16")
+    save_checkpoint(tmp_path / "b.pt", model, half)
+    assert torch.load(tmp_path / "b.pt", weights_only=True)["meta"]["precision"] == "bfloat16"
+    assert read_meta(tmp_path / "b.pt").precision == "bfloat16"
+    assert meta().precision == "float32"
+    old = meta().to_dict()
+    del old["precision"]
+    assert ModelMeta.from_dict(old).precision == "float32"
+    with pytest.raises(ValueError, match="precision"):
+        dataclasses.replace(meta(), precision="int8")

@@ -1,4 +1,5 @@
-"""Grad-CAM and occlusion sensitivity find the region that carries the class signal."""
+"""Grad-CAM and occlusion sensitivity, drawn by the scorer, find the region that carries
+the class signal."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from tests.support.model_synthetic import (
     synthetic_image,
     train_tiny_model,
 )
-from trainer import heatmaps
 from trainer.checkpoint import LoadedModel
+from trainer.scoring import Scorer
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -42,10 +43,14 @@ def peak_near_signal(heatmap: np.ndarray, source: int) -> None:
     assert heatmap[inside].mean() > 2 * heatmap[far].mean()
 
 
+def gradcam(loaded: LoadedModel, img: np.ndarray, device: str = "cpu") -> np.ndarray:
+    return Scorer(loaded, device).findings_and_gradcam([img])[0][0]
+
+
 METHODS: dict[str, Callable[..., np.ndarray]] = {
-    "gradcam": lambda loaded, img, dev: heatmaps.gradcam(loaded, img, device=dev),
-    "occlusion": lambda loaded, img, dev: heatmaps.occlusion(loaded, img, size=16, stride=8,
-                                                             batch=32, device=dev),
+    "gradcam": gradcam,
+    "occlusion": lambda loaded, img, dev: Scorer(loaded, dev).occlusion(img, size=16, stride=8,
+                                                                        batch=32),
 }
 
 
@@ -70,43 +75,42 @@ def test_non_square_source_maps_back_through_letterbox(trained: LoadedModel, met
 
 def test_occlusion_batching_does_not_change_the_map(trained: LoadedModel) -> None:
     img = positive(64)
-    one = heatmaps.occlusion(trained, img, size=16, stride=8, batch=1, device="cpu")
-    many = heatmaps.occlusion(trained, img, size=16, stride=8, batch=64, device="cpu")
+    scorer = Scorer(trained, "cpu")
+    one = scorer.occlusion(img, size=16, stride=8, batch=1)
+    many = scorer.occlusion(img, size=16, stride=8, batch=64)
     np.testing.assert_allclose(one, many, atol=1e-4)
 
 
 def test_gradcam_batch_matches_single(trained: LoadedModel) -> None:
     a, b = positive(64), synthetic_image(True, np.random.default_rng(3), 96)
-    maps = heatmaps.gradcam_batch(trained, [a, b], device="cpu")
+    maps = Scorer(trained, "cpu").findings_and_gradcam([a, b])[0]
     assert [m.shape for m in maps] == [(64, 64), (96, 96)]
-    np.testing.assert_allclose(maps[0], heatmaps.gradcam(trained, a, device="cpu"), atol=1e-4)
+    np.testing.assert_array_equal(maps[0], gradcam(trained, a))
 
 
-def test_gradcam_probabilities_match_the_scorer(trained: LoadedModel) -> None:
-    """The worker takes its probabilities from the Grad-CAM pass: they must be the scorer's."""
-    from trainer.scoring import Scorer
-
+def test_gradcam_probabilities_are_the_scorers(trained: LoadedModel) -> None:
+    """The worker takes its probabilities from the Grad-CAM pass: they are the scorer's,
+    bit for bit."""
     imgs = [positive(64), synthetic_image(False, np.random.default_rng(5), 64)]
-    maps, probs = heatmaps.gradcam_and_probabilities(trained, imgs, device="cpu")
-    expected = np.asarray(Scorer(trained, device="cpu").predict(imgs)).reshape(-1)
-    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    scorer = Scorer(trained, "cpu")
+    maps, probs, pneu = scorer.findings_and_gradcam(imgs)
+    np.testing.assert_array_equal(probs, scorer.predict(imgs))
+    assert pneu is None and probs.dtype == np.float64
     assert probs[0] > 0.5 > probs[1]
-    np.testing.assert_allclose(maps[0], heatmaps.gradcam(trained, imgs[0], device="cpu"),
-                               atol=1e-5)
+    np.testing.assert_array_equal(maps[0], gradcam(trained, imgs[0]))
 
 
 def test_compute_follows_settings(trained: LoadedModel, make_settings) -> None:  # type: ignore[no-untyped-def]
     img = positive(64)
     s: Settings = make_settings(heatmap_method="occlusion", occlusion_size=16,
                                 occlusion_stride=16, occlusion_batch=8)
-    occ = heatmaps.compute(trained, img, s, device="cpu")
-    np.testing.assert_allclose(
-        occ, heatmaps.occlusion(trained, img, 16, 16, 8, device="cpu"), atol=1e-5
-    )
-    cam = heatmaps.compute(trained, img, s.replace(heatmap_method="gradcam"), device="cpu")
-    np.testing.assert_allclose(cam, heatmaps.gradcam(trained, img, device="cpu"), atol=1e-5)
+    scorer = Scorer(trained, "cpu")
+    occ = scorer.heatmap(img, s)
+    np.testing.assert_allclose(occ, scorer.occlusion(img, 16, 16, 8), atol=1e-5)
+    cam = scorer.heatmap(img, s.replace(heatmap_method="gradcam"))
+    np.testing.assert_allclose(cam, gradcam(trained, img), atol=1e-5)
 
 
 def test_bad_occlusion_parameters(trained: LoadedModel) -> None:
     with pytest.raises(ValueError):
-        heatmaps.occlusion(trained, positive(64), size=0)
+        Scorer(trained, "cpu").occlusion(positive(64), size=0)

@@ -31,7 +31,6 @@ OVERSIZE_CEILINGS = {
     "db.settings": 600,
     "dicom_node.listener": 420,  # 406 after the multi-process listener landed
     "dicom_node.sr": 630,  # 629 with the three-class model (issue14)
-    "trainer.train": 490,  # 487 with the three-class model (issue14)
     "worker.console.web": 420,
     "worker.console.web_study": 420,
 }

@@ -34,7 +34,7 @@ from trainer.checkpoint import (
 )
 from trainer.datasets import DatasetError, ImageRecord, folder_records
 from trainer.labels import import_labels
-from trainer.train import allowed_classes, masked_loss, pneumonia_truth, sample_weights
+from trainer.targets import allowed_classes, masked_loss, pneumonia_truth, sample_weights
 
 
 def _meta(classes: tuple[str, ...]) -> ModelMeta:

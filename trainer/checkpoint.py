@@ -3,7 +3,8 @@
 A checkpoint is one ``torch.save`` file holding plain values only (strings, numbers, lists,
 dicts and tensors), so it loads with ``torch.load(weights_only=True)`` and no pickled code
 runs.  It records the architecture, the preprocessing (input size, contrast method,
-normalisation), the operating threshold and the training provenance.  Files are written
+normalisation), the operating thresholds, the precision the model is scored in and the
+training provenance.  Files are written
 atomically and identified by their sha256, which the registry stores and the worker checks.
 """
 
@@ -33,6 +34,11 @@ KNOWN_CLASSES = (TWO_CLASSES, THREE_CLASSES)
 
 # The contrast normalisations a model's preprocessing may name (trainer.transforms).
 CONTRAST_METHODS = ("none", "clahe", "equalize")
+# The compute dtype a model is scored in on CUDA (trainer.scoring.Scorer); the CPU always
+# computes in float32.  Files written before the policy was recorded have none and score
+# in float32: what the worker's Grad-CAM pass already used for their production
+# probabilities, and the safest at a threshold near 0.02.
+PRECISIONS: tuple[str, ...] = ("float32", "bfloat16", "float16")
 
 
 class CheckpointError(RuntimeError):
@@ -96,10 +102,14 @@ class ModelMeta:
     classes: tuple[str, ...] = TWO_CLASSES
     # the pneumonia-pattern finding's threshold (three-class models only)
     pneumonia_threshold: float | None = None
+    # the CUDA compute dtype of every score, validation to production (see PRECISIONS)
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         if self.classes not in KNOWN_CLASSES:
             raise ValueError(f"classes {self.classes!r} must be one of {KNOWN_CLASSES}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r} must be one of {PRECISIONS}")
 
     @property
     def outputs(self) -> int:
@@ -135,6 +145,7 @@ class ModelMeta:
             classes=tuple(str(c) for c in data.get("classes") or TWO_CLASSES),
             pneumonia_threshold=(None if data.get("pneumonia_threshold") is None
                                  else float(data["pneumonia_threshold"])),
+            precision=str(data.get("precision") or "float32"),
         )
 
 
@@ -232,6 +243,7 @@ __all__ = [
     "ChecksumMismatchError",
     "LoadedModel",
     "ModelMeta",
+    "PRECISIONS",
     "Preprocessing",
     "Provenance",
     "THREE_CLASSES",

@@ -3,7 +3,8 @@
 Only patients never seen in training count: by default the test split of the patient-wise
 keyed split (``settings.split_key``), which no model trained here ever trains or validates
 on.  ``--patients all`` uses every patient, and is refused for a folder the model was
-trained on.  Scores come from the full network on the pixel pipeline used in inference.
+trained on.  Scores come from the one scorer (:class:`trainer.scoring.Scorer`): the full
+network on the pixel pipeline, at the model file's precision, as in production.
 
 COVID-19 vs rest gives ``auc``, ``auc_ci``, ``threshold``, ``sensitivity``,
 ``specificity`` and ``per_source.<src>.auc`` as for every model.  A three-class model on
@@ -41,55 +42,33 @@ from trainer.checkpoint import (
     CheckpointError,
     LoadedModel,
     ModelMeta,
-    findings,
     load_checkpoint,
 )
 from trainer.datasets import DatasetError, ImageRecord, describe, folder_records
 from trainer.metrics import delong_ci, evaluate_scores, operating_point, roc_auc
 from trainer.progress import progress
 from trainer.registry import RegistryError, get_model, production_model
+from trainer.scoring import Scorer
 from trainer.splits import Split, split_records
-from trainer.train import load_squares
-from trainer.transforms import normalise
 
 log = logging.getLogger(__name__)
 
 
 def predict_records(model: nn.Module, meta: ModelMeta, records: Sequence[ImageRecord],
-                    device: torch.device | str = "cpu", batch_size: int = 32,
-                    desc: str = "scoring") -> np.ndarray:
+                    device: torch.device | str = "cpu", desc: str = "scoring") -> np.ndarray:
     """COVID-19 probabilities for ``records`` from the whole network (as the worker)."""
-    return predict_findings_records(model, meta, records, device, batch_size, desc)[0]
+    return predict_findings_records(model, meta, records, device, desc)[0]
 
 
 def predict_findings_records(
     model: nn.Module, meta: ModelMeta, records: Sequence[ImageRecord],
-    device: torch.device | str = "cpu", batch_size: int = 32, desc: str = "scoring",
+    device: torch.device | str = "cpu", desc: str = "scoring",
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """(P(COVID-19), P(pneumonia pattern) or None for a two-class model) per record."""
-    dev = torch.device(device)
-    model = model.to(dev).eval()
-    out: list[np.ndarray] = []
-    pneu: list[np.ndarray] = []
+    """(P(COVID-19), P(pneumonia pattern) or None for a two-class model) per record,
+    through the one scorer: the numbers the worker gives the same images."""
+    scorer = Scorer(LoadedModel(model=model, meta=meta, sha256=""), device)
     with progress(len(records), desc, unit="img") as bar:
-        for s in range(0, len(records), batch_size):
-            chunk = records[s:s + batch_size]
-            x = normalise(load_squares(chunk, meta), meta.preprocessing).to(dev)
-            with torch.inference_mode():
-                if dev.type == "cuda":
-                    with torch.autocast("cuda", dtype=torch.float16):
-                        logits = model(x)
-                else:
-                    logits = model(x)
-            covid, pattern = findings(logits.float().cpu(), meta)
-            out.append(covid.numpy().astype(np.float64))
-            if pattern is not None:
-                pneu.append(pattern.numpy().astype(np.float64))
-            bar.update(len(chunk))
-    covid_all = np.concatenate(out) if out else np.zeros(0)
-    if not meta.has_pneumonia:
-        return covid_all, None
-    return covid_all, (np.concatenate(pneu) if pneu else np.zeros(0))
+        return scorer.predict_findings_files([r.path for r in records], progress=bar.update)
 
 
 def three_class_metrics(names: Sequence[str | None], covid: np.ndarray, pneu: np.ndarray,

@@ -155,8 +155,9 @@ def release_waiting(db: Database, study_id: int, generation: int, reason: str,
 # ---------------------------------------------------------------------------------- work
 def score_images(images: list[ImageResult], model: LoadedProductionModel,
                  settings: Settings, study_uid: str) -> None:
-    """One forward pass for every scored image of the study, and one heatmap each (for
-    Grad-CAM, from that same forward pass).
+    """Score every scored image of the study through the model's scorer (the one that
+    chose its thresholds), and draw one heatmap each: Grad-CAM from the very forward pass
+    that gave the probability, or occlusion.
 
     CUDA out-of-memory surfaces from the scorer as TransientError (retried)."""
     from worker.heatmap_store import save_heatmap
@@ -164,20 +165,16 @@ def score_images(images: list[ImageResult], model: LoadedProductionModel,
     scored = [img for img in images if img.scored and img.image is not None]
     if not scored:
         return
-    pixels = [img.image for img in scored]
+    pixels = [img.image for img in scored if img.image is not None]
     t0 = time.perf_counter()
     if settings.heatmap_method == "gradcam":
-        # One forward + backward gives both the probabilities and the maps.
-        from trainer.heatmaps import gradcam_and_findings
-
-        maps, probs, pneu = gradcam_and_findings(model.loaded, pixels, model.device)  # type: ignore[arg-type]
+        maps, probs, pneu = model.scorer.findings_and_gradcam(pixels)
         forward_s, heatmap_s = 0.0, time.perf_counter() - t0
     else:
         probs, pneu = model.scorer.predict_findings(pixels)
-        probs = np.asarray(probs, dtype=np.float64).reshape(-1)
         forward_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        maps = compute_heatmaps(pixels, model, settings)  # type: ignore[arg-type]
+        maps = compute_heatmaps(pixels, model, settings)
         heatmap_s = time.perf_counter() - t1
     pattern = [None] * len(scored) if pneu is None else [float(v) for v in pneu]
     for img, p, pp, heat in zip(scored, probs, pattern, maps, strict=True):
@@ -192,11 +189,10 @@ def score_images(images: list[ImageResult], model: LoadedProductionModel,
 
 def compute_heatmaps(images01: list[np.ndarray], model: LoadedProductionModel,
                      settings: Settings) -> list[np.ndarray]:
-    """Occlusion maps at source resolution, image by image (each batches its own windows).
-    Grad-CAM is computed with the probabilities in :func:`score_images`."""
-    from trainer import heatmaps
-
-    return [heatmaps.compute(model.loaded, img, settings, model.device) for img in images01]
+    """Occlusion maps at source resolution, image by image (each batches its own windows)
+    through the model's scorer.  Grad-CAM is drawn with the probabilities in
+    :func:`score_images`."""
+    return [model.scorer.heatmap(img, settings) for img in images01]
 
 
 def summarise(images: list[ImageResult], threshold: float,
