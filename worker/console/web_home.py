@@ -5,13 +5,13 @@ every value shown is escaped.
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 from db.session import Database
 from db.settings import Settings
+from worker.console.web_html import call, esc, prob
 from worker.console.web_study import ListQuery, count_studies, render_list_controls
 
 THUMBNAIL_PX = 192
@@ -21,12 +21,6 @@ NOT_FOR_DIAGNOSIS = (
 )
 
 
-def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value))
-
-
-def _prob(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
 
 
 @dataclass
@@ -51,48 +45,42 @@ def load_page_data(db: Database, settings: Settings,
 
 def render_page(data: PageData) -> str:
     summ = data.status["summary"]
-    counts = "".join(f"<span>{_e(k)}: <b>{v}</b></span>"
+    counts = "".join(f"<span>{esc(k)}: <b>{v}</b></span>"
                      for k, v in summ["studies_by_state"].items())
     prod = summ["production_model"]
     prod_text = ("<b>no production model</b> — register one with "
                  "<code>cxr-triage model register PATH --promote</code>"
-                 if prod is None else f"production model <b>{_e(prod['version'])}</b>")
+                 if prod is None else f"production model <b>{esc(prod['version'])}</b>")
     held = summ.get("newest_model_not_promoted")
     if held is not None:
         prod_text += (f'</span><span class="not-promoted">newest model '
-                      f"<b>{_e(held['version'])}</b> not promoted: "
-                      f"{_e(held['not_promoted_reason'] or 'no reason recorded')}")
+                      f"<b>{esc(held['version'])}</b> not promoted: "
+                      f"{esc(held['not_promoted_reason'] or 'no reason recorded')}")
     rows = []
     for st in data.status["studies"]:
         pred = st["prediction"] or {}
-        call = pred.get("positive")
-        call_html = ("–" if call is None else
-                     '<span class="call-positive">POSITIVE</span>' if call else
-                     '<span class="call-negative">negative</span>')
-        pcall = pred.get("pneumonia_positive")
-        pneu_html = ("–" if pcall is None else
-                     '<span class="call-positive">POSITIVE</span>' if pcall else
-                     '<span class="call-negative">negative</span>')
+        call_html = call(pred.get("positive"))
+        pneu_html = call(pred.get("pneumonia_positive"))
         thumbs = "".join(
             f'<img class="heatmap" alt="heatmap {h["prediction_id"]}" '
             f'src="/overlay/{h["prediction_id"]}.png?px={THUMBNAIL_PX}">'
             for h in st["heatmaps"][:3]
         ) or '<span class="muted">–</span>'
         deliveries = "<br>".join(
-            f"{_e(d['kind'])} → {_e(d['destination'])}: {_e(d['state'])}"
+            f"{esc(d['kind'])} → {esc(d['destination'])}: {esc(d['state'])}"
             + (f" ({d['attempts']}×)" if d["attempts"] else "")
-            + (f' <span class="muted">{_e(d["reason"])}</span>' if d["reason"] else "")
+            + (f' <span class="muted">{esc(d["reason"])}</span>' if d["reason"] else "")
             for d in st["deliveries"]
         ) or '<span class="muted">–</span>'
         rows.append(
             f"<tr><td class=\"uid\"><a href=\"/study/{quote(st['study_uid'], safe='')}\">"
-            f"{_e(st['study_uid'])}</a></td>"
-            f"<td class=\"state-{_e(st['state'])}\">{_e(st['state'])}</td>"
-            f"<td>{st['instances']}</td><td>{_e((st['received_at'] or '')[:19])}</td>"
-            f"<td>{_prob(pred.get('probability'))}</td><td>{call_html}</td>"
-            f"<td>{_prob(pred.get('pneumonia_probability'))}</td><td>{pneu_html}</td>"
-            f"<td>{_e(pred.get('model_version') or '–')}</td><td>{thumbs}</td>"
-            f"<td>{deliveries}</td><td>{_e(st['reason'] or '')}</td></tr>"
+            f"{esc(st['study_uid'])}</a></td>"
+            f"<td class=\"state-{esc(st['state'])}\">{esc(st['state'])}</td>"
+            f"<td>{st['instances']}</td><td>{esc((st['received_at'] or '')[:19])}</td>"
+            f"<td>{prob(pred.get('probability'))}</td><td>{call_html}</td>"
+            f"<td>{prob(pred.get('pneumonia_probability'))}</td><td>{pneu_html}</td>"
+            f"<td>{esc(pred.get('model_version') or '–')}</td><td>{thumbs}</td>"
+            f"<td>{deliveries}</td><td>{esc(st['reason'] or '')}</td></tr>"
         )
     studies_html = "\n".join(rows) or '<tr><td colspan="12">No studies received yet.</td></tr>'
     model_rows = []
@@ -100,26 +88,26 @@ def render_page(data: PageData) -> str:
         ev = m["last_evaluation"] or {}
         anchor = "/models#model-" + quote(m["version"], safe="")
         model_rows.append(
-            f"<tr><td>{_e(m['version'])}</td><td>{_e(m['stage'])}</td>"
-            f"<td>{_e(m['architecture'])}</td><td>{m['threshold']:.3f}</td>"
-            f"<td>{_prob(ev.get('auc'))}</td><td>{_prob(ev.get('sensitivity'))}</td>"
-            f"<td>{_prob(ev.get('specificity'))}</td><td>{_e(ev.get('n_images', '–'))}</td>"
-            f"<td><a href=\"{_e(anchor)}\">report and plots</a></td>"
-            f"<td class=\"why\">{_e(m['not_promoted_reason'] or '')}"
-            + (f"approved by {_e(m['approved_by'])} at {_e(m['approved_at'])}"
+            f"<tr><td>{esc(m['version'])}</td><td>{esc(m['stage'])}</td>"
+            f"<td>{esc(m['architecture'])}</td><td>{m['threshold']:.3f}</td>"
+            f"<td>{prob(ev.get('auc'))}</td><td>{prob(ev.get('sensitivity'))}</td>"
+            f"<td>{prob(ev.get('specificity'))}</td><td>{esc(ev.get('n_images', '–'))}</td>"
+            f"<td><a href=\"{esc(anchor)}\">report and plots</a></td>"
+            f"<td class=\"why\">{esc(m['not_promoted_reason'] or '')}"
+            + (f"approved by {esc(m['approved_by'])} at {esc(m['approved_at'])}"
                if m["approved_by"] else "") + "</td></tr>"
         )
     models_html = "\n".join(model_rows) or '<tr><td colspan="10">No models registered.</td></tr>'
     failed = "".join(
-        f"<li>{_e(d['study_uid'])} {_e(d['kind'])} → {_e(d['destination'])}: "
-        f"{_e(d['reason'])}</li>" for d in summ["failed_deliveries"])
+        f"<li>{esc(d['study_uid'])} {esc(d['kind'])} → {esc(d['destination'])}: "
+        f"{esc(d['reason'])}</li>" for d in summ["failed_deliveries"])
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="refresh" content="15">
 <title>cxr-triage</title><link rel="stylesheet" href="/static/style.css"></head>
 <body>
 <h1>cxr-triage</h1>
-<div class="banner">{_e(NOT_FOR_DIAGNOSIS)}</div>
+<div class="banner">{esc(NOT_FOR_DIAGNOSIS)}</div>
 <div class="summary">{counts}<span>{prod_text}</span></div>
 {f'<h2>Failed deliveries</h2><ul>{failed}</ul>' if failed else ''}
 <h2>Studies</h2>

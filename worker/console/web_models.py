@@ -12,7 +12,8 @@ from urllib.parse import quote
 
 from db.session import Database
 from db.settings import Settings
-from worker.console.web_study import _e, _prob, under
+from worker.console.web_html import esc, prob
+from worker.console.web_study import under
 
 
 def report_pngs(report_path: str | None, reports_dir: Path) -> list[Path]:
@@ -82,18 +83,18 @@ def render_models(models: list[ModelReports], banner: str) -> str:
         m = entry.model
         ev = m["last_evaluation"] or {}
         anchor = "model-" + quote(m["version"], safe="")
-        links = " ".join(f'<a class="report-link" href="{_e(u)}">report {i + 1}</a>'
+        links = " ".join(f'<a class="report-link" href="{esc(u)}">report {i + 1}</a>'
                          for i, u in enumerate(entry.reports)) or '<span class="muted">–</span>'
         rows.append(
-            f"<tr><td><a href=\"#{_e(anchor)}\">{_e(m['version'])}</a></td>"
-            f"<td>{_e(m['stage'])}</td><td>{_e(m['architecture'])}</td>"
-            f"<td>{m['threshold']:.3f}</td><td>{_prob(ev.get('auc'))}</td>"
-            f"<td>{_prob(ev.get('sensitivity'))}</td><td>{_prob(ev.get('specificity'))}</td>"
-            f"<td>{_e(ev.get('n_images', '–'))}</td><td>{links}</td></tr>")
-        plots = "".join(f'<a href="{_e(u)}"><img class="plot" alt="evaluation plot" '
-                        f'src="{_e(u)}"></a>' for u in entry.plots)
+            f"<tr><td><a href=\"#{esc(anchor)}\">{esc(m['version'])}</a></td>"
+            f"<td>{esc(m['stage'])}</td><td>{esc(m['architecture'])}</td>"
+            f"<td>{m['threshold']:.3f}</td><td>{prob(ev.get('auc'))}</td>"
+            f"<td>{prob(ev.get('sensitivity'))}</td><td>{prob(ev.get('specificity'))}</td>"
+            f"<td>{esc(ev.get('n_images', '–'))}</td><td>{links}</td></tr>")
+        plots = "".join(f'<a href="{esc(u)}"><img class="plot" alt="evaluation plot" '
+                        f'src="{esc(u)}"></a>' for u in entry.plots)
         sections.append(
-            f'<section id="{_e(anchor)}"><h2>{_e(m["version"])}</h2>'
+            f'<section id="{esc(anchor)}"><h2>{esc(m["version"])}</h2>'
             f"<p>{links}</p>"
             + (f'<div class="plot-grid">{plots}</div>' if plots
                else '<p class="muted">No plots.</p>') + "</section>")
@@ -104,7 +105,7 @@ def render_models(models: list[ModelReports], banner: str) -> str:
 <body>
 <p><a href="/">← studies</a></p>
 <h1>Models</h1>
-<div class="banner">{_e(banner)}</div>
+<div class="banner">{esc(banner)}</div>
 <table id="models"><thead><tr><th>Version</th><th>Stage</th><th>Architecture</th>
 <th>Threshold</th><th>AUC</th><th>Sensitivity</th><th>Specificity</th><th>n</th>
 <th>HTML report</th></tr></thead>
