@@ -30,7 +30,7 @@ from dicom_node.conformance import (
     sanitise_source,
 )
 from dicom_node.results import OutputModel, ScoredImage
-from dicom_node.sr import contributing_equipment, hotspot
+from dicom_node.sr_content import contributing_equipment, hotspot
 
 log = logging.getLogger(__name__)
 

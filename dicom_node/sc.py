@@ -25,7 +25,7 @@ from dicom_node.conformance import (
     sanitise_source,
 )
 from dicom_node.results import OutputModel, ScoredImage
-from dicom_node.sr import contributing_equipment
+from dicom_node.sr_content import contributing_equipment
 
 log = logging.getLogger(__name__)
 
