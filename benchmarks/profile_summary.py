@@ -26,7 +26,7 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("file write", ("stage (dicom_node/spool.py",)),
     ("database (SQLAlchemy, driver, commit)", ("sqlalchemy/", "psycopg/", "sqlite3")),
     ("header parse and tail check", ("parse_header (",)),
-    ("socket receive", ("recv (dicom_node/listener.py", "recv_into", "_recv_exactly")),
+    ("socket receive", ("recv (dicom_node/peer_socket.py", "recv_into", "recv_exactly")),
     ("PDU decode and assembly (pynetdicom)", ("pynetdicom/pdu", "pynetdicom/dimse",
                                               "pynetdicom/dul.py", "pynetdicom/fsm.py")),
     ("pynetdicom association set-up (context deepcopy), dispatch", ("pynetdicom/",)),

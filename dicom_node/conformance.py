@@ -187,6 +187,21 @@ def restore_source_text(built: Dataset, header: Dataset) -> None:
             built[elem.tag] = deepcopy(elem)
 
 
+def copy_laterality(built: Dataset, header: Dataset) -> None:
+    """Laterality and Body Part Examined of every object we derive from a source.
+
+    Laterality is Type 2C in General Series: needed for paired body parts.  With a known
+    (unpaired) body part such as the chest it stays out; without a body part it is present
+    and empty, unless the source states a side.  A side is never guessed.
+    """
+    if header.get("Laterality"):
+        built.Laterality = header.Laterality
+    if header.get("BodyPartExamined"):
+        built.BodyPartExamined = header.BodyPartExamined
+    elif "Laterality" not in built:
+        built.Laterality = None
+
+
 def sanitise_source(source: Dataset) -> Dataset:
     """A header-only copy of ``source`` that our builders and validators accept.
 

@@ -40,7 +40,7 @@ from db import metrics
 from db.errors import TransientError
 from db.session import Database
 from db.settings import Settings
-from dicom_node import ingest, reactor, socket_fix, spool, store_checks
+from dicom_node import ingest, peer_socket, reactor, socket_fix, spool, store_checks
 from dicom_node.group_commit import GroupCommitter
 from dicom_node.publisher import CeleryPublisher, Publisher
 from dicom_node.reuseport import start_reuseport_server
@@ -92,8 +92,8 @@ def build_ae(settings: Settings) -> AE:
     ae.require_called_aet = True
     ae.maximum_associations = settings.max_associations
     ae.maximum_pdu_size = settings.max_pdu
-    # Each read of a PDU is bounded by network_timeout (see _recv_exactly), so a peer that
-    # stalls mid-PDU loses its slot; an idle association is closed by pynetdicom.
+    # Each read of a PDU is bounded by network_timeout (see peer_socket.recv_exactly), so a
+    # peer that stalls mid-PDU loses its slot; an idle association is closed by pynetdicom.
     ae.network_timeout = settings.network_timeout
     ae.dimse_timeout = settings.dimse_timeout
     ae.acse_timeout = settings.acse_timeout
@@ -153,11 +153,11 @@ class StoreService:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as exc:
             log.debug("cannot set TCP_NODELAY: %s", exc)
-        _set_keepalive(sock, self.settings.tcp_keepalive_seconds)
+        peer_socket.set_keepalive(sock, self.settings.tcp_keepalive_seconds)
         # pynetdicom reads a PDU in 4 KiB recv() calls appended to a bytearray; reading
         # straight into one buffer of the PDU's size halves the receive cost of large images.
         # Each PDU read ends within network_timeout, so a stalled peer cannot hold a slot.
-        assoc_socket.recv = _recv_exactly(  # type: ignore[union-attr,method-assign]
+        assoc_socket.recv = peer_socket.recv_exactly(  # type: ignore[union-attr,method-assign]
             assoc_socket, self.settings.network_timeout)
         # pynetdicom's reactors poll every millisecond; make them wait instead.
         wakeup = reactor.quiet_reactors(event.assoc)
@@ -279,52 +279,6 @@ class StoreService:
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
         ]
-
-
-def _set_keepalive(sock: socket.socket, idle_seconds: int) -> None:
-    """TCP keepalive, so a peer that vanished without a FIN is noticed by the kernel."""
-    if idle_seconds <= 0:
-        return
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        options = (("TCP_KEEPIDLE", idle_seconds),
-                   ("TCP_KEEPINTVL", max(1, idle_seconds // 4)), ("TCP_KEEPCNT", 4))
-        for name, value in options:
-            if hasattr(socket, name):
-                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
-    except OSError as exc:
-        log.debug("cannot set TCP keepalive: %s", exc)
-
-
-def _recv_exactly(assoc_socket: Any, timeout: float | None = None) -> Any:
-    """A drop-in for ``AssociationSocket.recv``: same contract, one buffer, ``recv_into``.
-
-    With ``timeout``, the whole read must finish within that many seconds: a peer that
-    stalls (or trickles) mid-PDU gets ``TimeoutError``, which pynetdicom turns into a
-    closed connection, and its association slot comes back."""
-
-    def recv(nr_bytes: int) -> bytearray:
-        sock = assoc_socket.socket
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
-        read = 0
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while read < nr_bytes:
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    del view
-                    raise TimeoutError(f"peer sent {read} of {nr_bytes} bytes within "
-                                       f"{timeout} s")
-                sock.settimeout(left)
-            got = sock.recv_into(view[read:], nr_bytes - read)
-            if not got:  # connection closed: return what we have, as pynetdicom does
-                del view
-                return buffer[:read]
-            read += got
-        return buffer
-
-    return recv
 
 
 @dataclass

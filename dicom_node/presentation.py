@@ -25,16 +25,20 @@ from pydicom.sr.codedict import codes
 from dicom_node import identity
 from dicom_node.conformance import (
     build_charset,
+    copy_laterality,
     no_person_name_warnings,
     restore_source_text,
     sanitise_source,
 )
 from dicom_node.results import OutputModel, ScoredImage
-from dicom_node.sr import contributing_equipment, hotspot
+from dicom_node.sr_content import contributing_equipment, hotspot
 
 log = logging.getLogger(__name__)
 
-_BUILD = "pr-1"
+# Each changes whenever its builder changes what it writes, so new content gets new UIDs
+# (GSPS pr-2: Body Part Examined is copied beside a stated Laterality, as in the SC).
+_GSPS_BUILD = "pr-2"
+_KOS_BUILD = "pr-1"
 GSPS_CONTENT_LABEL = "AI_HOTSPOT"
 GSPS_SERIES_DESCRIPTION = "AI HOTSPOT - NOT FOR DIAGNOSTIC USE"
 KOS_SERIES_DESCRIPTION = "AI FLAG - NOT FOR DIAGNOSTIC USE"
@@ -52,7 +56,7 @@ def build_hotspot_gsps(scored: ScoredImage, model: OutputModel,
     rows, cols = int(header.Rows), int(header.Columns)
     radius = max(8.0, min(rows, cols) / 20.0)
     digest = identity.content_digest(
-        _BUILD, hd.__version__, pydicom.__version__, header, list(point), radius,
+        _GSPS_BUILD, hd.__version__, pydicom.__version__, header, list(point), radius,
         float(scored.probability), [model.name, model.version, model.sha256,
                                     model.threshold, model.manufacturer],
         institution_name or None,
@@ -96,14 +100,7 @@ def build_hotspot_gsps(scored: ScoredImage, model: OutputModel,
         )
     restore_source_text(gsps, header)
     gsps.SeriesDescription = GSPS_SERIES_DESCRIPTION
-    # Laterality (General Series, Type 2C) as for the SC: copied, or empty where no body
-    # part is named; never guessed.
-    if header.get("Laterality"):
-        gsps.Laterality = header.Laterality
-    elif header.get("BodyPartExamined"):
-        gsps.BodyPartExamined = header.BodyPartExamined
-    else:
-        gsps.Laterality = None
+    copy_laterality(gsps, header)
     log.info("built hotspot GSPS %s for source %s of study %s", gsps.SOPInstanceUID,
              source_uid, study_uid)
     return gsps
@@ -119,7 +116,7 @@ def build_positive_kos(sources: Sequence[Dataset], model: OutputModel,
     description = f"AI flag: COVID-19 positive by {model.name} {model.version}; " \
         "not for diagnostic use"
     digest = identity.content_digest(
-        _BUILD, hd.__version__, pydicom.__version__, list(headers), description,
+        _KOS_BUILD, hd.__version__, pydicom.__version__, list(headers), description,
         [model.name, model.version, model.sha256, model.manufacturer],
         institution_name or None,
     )

@@ -20,12 +20,13 @@ from dicom_node import identity
 from dicom_node.burnin import BAR_TITLE, MAX_SIDE, Caption, render
 from dicom_node.conformance import (
     build_charset,
+    copy_laterality,
     no_person_name_warnings,
     restore_source_text,
     sanitise_source,
 )
 from dicom_node.results import OutputModel, ScoredImage
-from dicom_node.sr import contributing_equipment
+from dicom_node.sr_content import contributing_equipment
 
 log = logging.getLogger(__name__)
 
@@ -139,15 +140,7 @@ def build_heatmap_sc(scored: ScoredImage, model: OutputModel, max_side: int = MA
     sc.copy_patient_and_study_information(header)
     restore_source_text(sc, header)
     sc.SeriesDescription = SC_SERIES_DESCRIPTION
-    # Laterality is Type 2C in General Series: needed for paired body parts. With a known
-    # (unpaired) chest it stays out; without a body part it is present and empty, unless
-    # the source states a side. A side is never guessed.
-    if header.get("Laterality"):
-        sc.Laterality = header.Laterality
-    if header.get("BodyPartExamined"):
-        sc.BodyPartExamined = header.BodyPartExamined
-    elif "Laterality" not in sc:
-        sc.Laterality = None  # type: ignore[assignment]
+    copy_laterality(sc, header)
     sc.BurnedInAnnotation = "YES"
     # Copied, never asserted: whether a face could be recognised is the source's to say.
     if header.get("RecognizableVisualFeatures") in ("YES", "NO"):

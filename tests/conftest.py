@@ -19,6 +19,7 @@ from tests.support.services import (
     orthanc_available,
     postgres_reachable,
     redis_reachable,
+    refusing_port,
 )
 
 # The test side's own pynetdicom peers close refused or broken sockets as the product's do.
@@ -51,6 +52,13 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
     with fresh_postgres_database() as url:
         yield url
+
+
+@pytest.fixture
+def refused_port() -> Iterator[int]:
+    """A local port where every connection is refused, held for the whole test."""
+    with refusing_port() as port:
+        yield port
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ def test_migrations_create_every_table(settings: Settings) -> None:
         "studies", "instances", "analyses", "predictions", "labels", "model_versions",
         "evaluations", "retrain_runs", "deliveries", "alembic_version",
     } <= tables
-    Database(settings)  # a second start-up finds nothing to migrate
+    Database(settings).dispose()  # a second start-up finds nothing to migrate
     db.dispose()
 
 
@@ -65,6 +65,7 @@ def test_sqlite_is_safe_for_several_processes(tmp_path: Path) -> None:
     with db.session() as session:
         assert len(session.scalars(select(Study)).all()) == 150
         mode = session.connection().exec_driver_sql("PRAGMA journal_mode").scalar()
+    db.dispose()
     assert mode == "wal"
 
 

@@ -21,8 +21,9 @@ from dicom_node.sc import build_heatmap_sc
 from dicom_node.sr import build_sr
 from tests.support.dicom_factory import make_cxr, write
 from tests.support.listener_peers import instance_rows
+from tests.support.node_process import start_listening
 from tests.support.results_factory import make_model, make_result, scored
-from tests.support.services import Orthanc, free_port, orthanc_available, wait_until
+from tests.support.services import Orthanc, orthanc_available, wait_until
 from trainer.retrain import EXIT_FAILED, EXIT_LOCKED
 
 pytestmark = pytest.mark.slow
@@ -37,13 +38,7 @@ class Listener:
         cmd = [sys.executable, "-m", "dicom_node", "--port", "0", "--bind-address", "127.0.0.1",
                "--data-dir", str(settings.data_dir), "--database-url",
                settings.effective_database_url, "--min-free-mb", "1", "--no-stability"]
-        self.log = log.open("a")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log,
-                                     text=True, cwd=ROOT)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line.startswith("LISTENING port="), f"listener did not start: {line!r}"
-        self.port = int(line.strip().split("=", 1)[1])
+        self.proc, self.port = start_listening(cmd, log)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -51,7 +46,6 @@ class Listener:
             self.proc.wait(timeout=30)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
-        self.log.close()
 
 
 @pytest.fixture
@@ -68,11 +62,9 @@ def shipped_orthanc(workdir: Path, listener_port: int) -> Orthanc:
     """deploy/orthanc/orthanc.json with only ports, storage, auth and the peer's address
     changed; the Lua script is the shipped file itself."""
     config = json.loads((DEPLOY / "orthanc" / "orthanc.json").read_text())
-    orthanc = Orthanc(http_port=free_port(), dicom_port=free_port(), aet=config["DicomAet"],
-                      workdir=workdir)
+    orthanc = Orthanc(aet=config["DicomAet"], workdir=workdir)  # ports: Orthanc.start
     workdir.mkdir(parents=True, exist_ok=True)
     config.update({
-        "HttpPort": orthanc.http_port, "DicomPort": orthanc.dicom_port,
         "StorageDirectory": str(workdir / "db"), "IndexDirectory": str(workdir / "db"),
         "AuthenticationEnabled": False, "StableAge": 1, "SaveJobs": False,
         "LuaScripts": [str(DEPLOY / "orthanc" / "cxr-autoroute.lua")],

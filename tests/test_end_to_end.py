@@ -5,10 +5,6 @@ it and delivers, and Orthanc ends up holding the SR and the SC in the same study
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
-import uuid
 from pathlib import Path
 
 import pydicom
@@ -16,9 +12,9 @@ import pytest
 
 from db.session import Database
 from tests.support.dicom_factory import make_cxr, write
-from tests.support.services import free_port, port_open, redis_reachable, wait_until
+from tests.support.services import redis_reachable, wait_until
+from tests.support.whole_loop import loop_settings, running_loop
 from tests.support.worker_data import register_and_promote
-from tests.support.worker_process import REPO_ROOT, WorkerProcess, settings_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.orthanc, pytest.mark.redis]
 
@@ -27,15 +23,9 @@ def test_orthanc_to_node_to_worker_to_orthanc(make_settings, sqlite_url: str,  #
                                               orthanc_factory, tmp_path: Path) -> None:
     if not redis_reachable():
         pytest.skip("Redis is not reachable at 127.0.0.1:6379")
-    node_port = free_port()
-    orthanc = orthanc_factory(modalities={"NODE": ["CXR_TRIAGE", "127.0.0.1", node_port]})
-    tag = uuid.uuid4().hex[:10]
-    settings = make_settings(
-        database_url=sqlite_url, broker_url="redis://127.0.0.1:6379/0",
-        inference_queue=f"inference-{tag}", delivery_queue=f"delivery-{tag}",
-        port=node_port, bind_address="127.0.0.1", stable_seconds=1, scheduler_interval=0.3,
-        pacs=f"ORTHANC@127.0.0.1:{orthanc.dicom_port}", input_size=224,
-        institution_name="Test Hospital")
+    orthanc = orthanc_factory()
+    settings = loop_settings(make_settings, sqlite_url, orthanc,
+                             institution_name="Test Hospital")
     db = Database(settings)
     # EfficientNet-Lite0 with its shipped ImageNet weights and a fresh head: offline.
     register_and_promote(db, settings, "e2e-lite0", architecture="efficientnet_lite0",
@@ -44,33 +34,15 @@ def test_orthanc_to_node_to_worker_to_orthanc(make_settings, sqlite_url: str,  #
     source.AccessionNumber = "ACC-E2E-1"
     orthanc.upload(write(source, tmp_path / "src.dcm"))
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
-    env.update(settings_env(settings))
-    node_log = open(tmp_path / "node.log", "ab")  # noqa: SIM115
-    node = subprocess.Popen([sys.executable, "-m", "dicom_node"], cwd=REPO_ROOT, env=env,
-                            stdout=node_log, stderr=subprocess.STDOUT)
-    worker = WorkerProcess(settings, [settings.inference_queue, settings.delivery_queue],
-                           tmp_path / "logs")
-    try:
-        wait_until(lambda: port_open("127.0.0.1", node_port), 60, what="the node listening")
-        worker.start()
-        study_id = orthanc.get("/studies")[0]
+    study_id = orthanc.get("/studies")[0]
+
+    def instances() -> list[str]:
+        return list(orthanc.get(f"/studies/{study_id}/instances"))
+
+    with running_loop(settings, orthanc, tmp_path) as loop:
         orthanc.post("/modalities/NODE/store", {"Resources": [study_id], "Synchronous": True})
-
-        def instances() -> list[str]:
-            return list(orthanc.get(f"/studies/{study_id}/instances"))
-
-        def log_tail() -> str:
-            return ((tmp_path / "node.log").read_text(errors="replace")[-2000:]
-                    + worker.log()[-3000:])
-
         wait_until(lambda: len(instances()) == 3, 180,
-                   what=f"SR and SC back in Orthanc\n{log_tail()}")
-    finally:
-        worker.stop()
-        node.terminate()
-        node.wait(timeout=30)
-        node_log.close()
+                   what=f"SR and SC back in Orthanc\n{loop.log_tail()}")
     objs = {}
     for inst in instances():
         ds = pydicom.dcmread(io.BytesIO(orthanc.get(f"/instances/{inst['ID']}/file")))

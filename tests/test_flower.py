@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.services import free_port, redis_reachable, wait_until
+from tests.support.services import candidate_port, redis_reachable, wait_until
 from tests.support.worker_process import REPO_ROOT, WorkerProcess, settings_env
 
 
@@ -23,6 +23,32 @@ def _get(url: str) -> str | None:
             return str(resp.read().decode())
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return None
+
+
+def _start_flower(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """Flower and its base URL.  ``--port=0`` would never say which port it got, so it
+    starts on a port the OS had free, and again on a new one where that was taken since."""
+    for _ in range(5):
+        port = candidate_port()
+        before = log_path.stat().st_size if log_path.exists() else 0
+        with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+            flower = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "worker", "flower", f"--port={port}",
+                 "--address=127.0.0.1"], cwd=REPO_ROOT, env=env, stdout=log,
+                stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
+
+        def up_or_gone(proc: subprocess.Popen[bytes] = flower, url: str = base) -> bool:
+            return proc.poll() is not None or _get(f"{url}/healthcheck") == "OK"
+
+        wait_until(up_or_gone, 60, interval=0.5,
+                   what=f"flower up\n{log_path.read_text()[-2000:]}")
+        if flower.poll() is None:
+            return flower, base
+        text = log_path.read_bytes()[before:].decode(errors="replace")
+        if "Address already in use" not in text:
+            raise AssertionError(f"flower exited:\n{text[-2000:]}")
+    raise AssertionError("flower found no free port in 5 attempts")
 
 
 @pytest.mark.slow
@@ -36,19 +62,14 @@ def test_flower_sees_a_worker_on_the_shared_broker(make_settings, sqlite_url: st
                              inference_queue=f"inference-{tag}",
                              delivery_queue=f"delivery-{tag}")
     worker = WorkerProcess(settings, [settings.inference_queue], tmp_path / "logs").start()
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
     env.update(settings_env(settings), FLOWER_UNAUTHENTICATED_API="true")
-    log = open(tmp_path / "flower.log", "ab")  # noqa: SIM115
-    flower = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker", "flower", f"--port={port}",
-         "--address=127.0.0.1"], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    log.close()
-    base = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: _get(f"{base}/healthcheck") == "OK", 60, interval=0.5,
-                   what=f"flower up\n{(tmp_path / 'flower.log').read_text()[-2000:]}")
-
+        flower, base = _start_flower(env, tmp_path / "flower.log")
+    except BaseException:
+        worker.stop()
+        raise
+    try:
         def lists_our_worker() -> bool:
             body = _get(f"{base}/api/workers?refresh=1")
             return body is not None and worker.name in json.loads(body)

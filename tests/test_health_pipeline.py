@@ -22,7 +22,6 @@ import pytest
 from db.models import RetrainRun, Study, StudyState, utcnow
 from db.session import Database
 from db.settings import Settings
-from tests.support.services import free_port
 from tests.support.worker_data import register_and_promote
 from tests.support.worker_process import RedisServer, WorkerProcess, settings_env
 from worker.console.health import check_health
@@ -36,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def pipeline(make_settings, tmp_path: Path) -> Iterator[tuple[Settings, Database]]:  # type: ignore[no-untyped-def]
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")
-    redis = RedisServer(free_port(), tmp_path / "redis")
+    redis = RedisServer(tmp_path / "redis")
     redis.start()
     tag = uuid.uuid4().hex[:6]
     settings = make_settings(database_url=f"sqlite:///{tmp_path / 'cxr.db'}",
@@ -139,10 +138,10 @@ def test_health_goes_red_for_each_missing_or_stuck_part(
 
 
 def test_health_reports_a_dead_broker_in_every_check_that_needs_it(
-        pipeline: tuple[Settings, Database]) -> None:
+        pipeline: tuple[Settings, Database], refused_port: int) -> None:
     settings, db = pipeline
     register_and_promote(db, settings, "m-broker")
-    dead = settings.replace(broker_url=f"redis://127.0.0.1:{free_port()}/0")
+    dead = settings.replace(broker_url=f"redis://127.0.0.1:{refused_port}/0")
     report = check_health(dead, db).as_dict()
     assert {"broker", "inference_worker", "delivery_worker"} <= _failing(report)
     assert "production_model" not in _failing(report)

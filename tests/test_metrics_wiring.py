@@ -11,7 +11,6 @@ from db.session import Database
 from db.settings import Settings
 from dicom_node.listener import start_node
 from tests.support.dicom_factory import make_cxr
-from tests.support.services import free_port
 from worker.delivery import create_deliveries, deliver
 from worker.outputs import OutputFile
 
@@ -44,12 +43,13 @@ def test_listener_counts_received_and_rejected(make_settings, sqlite_url: str) -
     assert _value("cxr_instances_rejected_total", reason="association") == before_assoc + 1
 
 
-def test_delivery_outcomes_are_counted(make_settings, sqlite_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_delivery_outcomes_are_counted(make_settings, sqlite_url: str, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                       refused_port: int) -> None:
     from tests.support.dicom_factory import write
     from tests.support.worker_data import add_study
 
     settings: Settings = make_settings(database_url=sqlite_url,
-                                       pacs=f"PACS@127.0.0.1:{free_port()}")
+                                       pacs=f"PACS@127.0.0.1:{refused_port}")
     db = Database(settings)
     ds = make_cxr()
     path = write(ds, tmp_path / "sc.dcm")

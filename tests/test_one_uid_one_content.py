@@ -8,12 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import struct
-import subprocess
-import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +24,9 @@ from db.session import Database
 from dicom_node import identity
 from dicom_node.sender import variant_path
 from tests.support.dicom_factory import make_cxr, write
-from tests.support.services import free_port, port_open, redis_reachable, wait_until
+from tests.support.services import redis_reachable, wait_until
+from tests.support.whole_loop import loop_settings, running_loop
 from tests.support.worker_data import register_and_promote
-from tests.support.worker_process import REPO_ROOT, WorkerProcess, settings_env
 from worker.delivery import redeliver
 
 pytestmark = [pytest.mark.slow, pytest.mark.orthanc, pytest.mark.redis]
@@ -56,14 +52,8 @@ def test_repush_late_image_own_objects_and_redeliver_keep_one_content_per_uid(  
         make_settings, sqlite_url: str, orthanc_factory, tmp_path: Path) -> None:
     if not redis_reachable():
         pytest.skip("Redis is not reachable at 127.0.0.1:6379")
-    node_port = free_port()
-    orthanc = orthanc_factory(modalities={"NODE": ["CXR_TRIAGE", "127.0.0.1", node_port]})
-    tag = uuid.uuid4().hex[:10]
-    settings = make_settings(
-        database_url=sqlite_url, broker_url="redis://127.0.0.1:6379/0",
-        inference_queue=f"inference-{tag}", delivery_queue=f"delivery-{tag}",
-        port=node_port, bind_address="127.0.0.1", stable_seconds=1, scheduler_interval=0.3,
-        pacs=f"ORTHANC@127.0.0.1:{orthanc.dicom_port}", input_size=224)
+    orthanc = orthanc_factory()
+    settings = loop_settings(make_settings, sqlite_url, orthanc)
     db = Database(settings)
     register_and_promote(db, settings, "uid-lite0", architecture="efficientnet_lite0",
                          input_size=224)
@@ -73,24 +63,13 @@ def test_repush_late_image_own_objects_and_redeliver_keep_one_content_per_uid(  
     assert first.SOPInstanceUID != late.SOPInstanceUID
     orthanc.upload(write(first, tmp_path / "first.dcm"))
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
-    env.update(settings_env(settings))
-    node_log_path = tmp_path / "node.log"
-    node_log = open(node_log_path, "ab")  # noqa: SIM115
-    node = subprocess.Popen([sys.executable, "-m", "dicom_node"], cwd=REPO_ROOT, env=env,
-                            stdout=node_log, stderr=subprocess.STDOUT)
-    worker = WorkerProcess(settings, [settings.inference_queue, settings.delivery_queue],
-                           tmp_path / "logs")
-    try:
-        wait_until(lambda: port_open("127.0.0.1", node_port), 60, what="the node listening")
-        worker.start()
-        orthanc_study = orthanc.get("/studies")[0]
+    orthanc_study = orthanc.get("/studies")[0]
 
-        def instances() -> list[dict[str, Any]]:
-            return list(orthanc.get(f"/studies/{orthanc_study}/instances"))
+    def instances() -> list[dict[str, Any]]:
+        return list(orthanc.get(f"/studies/{orthanc_study}/instances"))
 
-        def log_tail() -> str:
-            return node_log_path.read_text(errors="replace")[-2000:] + worker.log()[-3000:]
+    with running_loop(settings, orthanc, tmp_path) as loop:
+        node_log_path, log_tail = loop.node_log, loop.log_tail
 
         def push(resources: list[str]) -> None:
             orthanc.post("/modalities/NODE/store",
@@ -138,11 +117,6 @@ def test_repush_late_image_own_objects_and_redeliver_keep_one_content_per_uid(  
                            for r in rows)
 
         wait_until(redelivered, 120, what=f"redelivery\n{log_tail()}")
-    finally:
-        worker.stop()
-        node.terminate()
-        node.wait(timeout=30)
-        node_log.close()
 
     with db.session() as s:
         rows = s.scalars(select(Delivery).order_by(Delivery.id)).all()

@@ -18,7 +18,7 @@ from dicom_node.results import write_dataset
 from dicom_node.sr import build_sr
 from tests.support.dicom_factory import make_cxr, write
 from tests.support.results_factory import make_result
-from tests.support.services import free_port, make_orthanc, orthanc_available, wait_until
+from tests.support.services import make_orthanc, orthanc_available, wait_until
 
 pytestmark = pytest.mark.orthanc
 
@@ -30,13 +30,13 @@ class _Node:
 
     def __init__(self) -> None:
         self.received: list[str] = []
-        self.port = free_port()
         ae = AE(ae_title="CXR_TRIAGE")
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax,
                                      [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+        self.server = ae.start_server(("127.0.0.1", 0), block=False,
                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        self.port = int(self.server.server_address[1])
 
     def _on_store(self, event: Event) -> int:
         self.received.append(str(event.request.AffectedSOPInstanceUID))

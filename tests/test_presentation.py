@@ -112,3 +112,27 @@ def test_orthanc_stores_both_over_one_association(orthanc_factory, tmp_path: Pat
     for path in paths:
         hits = orthanc.post("/tools/lookup", raw=path.stem.encode())
         assert [h["Type"] for h in hits] == ["Instance"]
+
+
+@pytest.mark.parametrize(("body_part", "side", "expected"), [
+    ("CHEST", None, ("CHEST", None)),  # an unpaired part: no Laterality at all
+    ("HAND", "R", ("HAND", "R")),  # a paired part: its stated side is copied beside it
+    (None, None, (None, "")),  # no body part: Laterality present and empty
+])
+def test_gsps_and_sc_share_one_laterality_rule(
+        tmp_path: Path, body_part: str | None, side: str | None,
+        expected: tuple[str | None, str | None]) -> None:
+    from dicom_node.sc import build_heatmap_sc
+
+    source = make_cxr(rows=96, cols=96, body_part=body_part)
+    if side is not None:
+        source.Laterality = side
+    image = scored(source, 0.7)
+    gsps = build_hotspot_gsps(image, make_model())
+    assert gsps is not None
+    for built in (gsps, build_heatmap_sc(image, make_model())):
+        path = write_dataset(built, tmp_path)
+        _valid(path)
+        back = pydicom.dcmread(path)
+        laterality = back.Laterality if "Laterality" in back else None
+        assert (back.get("BodyPartExamined"), laterality) == expected

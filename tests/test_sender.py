@@ -20,7 +20,6 @@ from dicom_node.sender import outcome_for_status, send_file
 from dicom_node.sr import build_sr
 from tests.support.dicom_factory import make_cxr
 from tests.support.results_factory import make_result
-from tests.support.services import free_port
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 
@@ -41,7 +40,6 @@ class _Scp:
         self.stored: list[tuple[str, str, str]] = []  # (class, syntax, association id)
         self.datasets: list[Dataset] = []
         self.nodelay: list[int] = []
-        self.port = free_port()
         ae = AE(ae_title="TEST_SCP")
         for sop_class in classes or [COMPREHENSIVE_3D_SR]:
             for ts in transfer_syntaxes:
@@ -50,9 +48,10 @@ class _Scp:
         if require_calling_aet:
             ae.require_calling_aet = require_calling_aet
         self.server: ThreadedAssociationServer = ae.start_server(
-            ("127.0.0.1", self.port), block=False,
+            ("127.0.0.1", 0), block=False,
             evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
         )
+        self.port = int(self.server.server_address[1])
 
     def _on_store(self, event: Event) -> int:
         ds = event.dataset
@@ -115,8 +114,8 @@ def test_explicit_file_reaches_an_implicit_only_peer(sr_file: Path, scp_factory)
     assert scp.received == [sr_file.stem]
 
 
-def test_closed_port_is_refused_without_raising(sr_file: Path) -> None:
-    outcome = send_file(sr_file, Destination("NOBODY", "127.0.0.1", free_port()),
+def test_closed_port_is_refused_without_raising(sr_file: Path, refused_port: int) -> None:
+    outcome = send_file(sr_file, Destination("NOBODY", "127.0.0.1", refused_port),
                         "CXR_TRIAGE", timeout=5)
     assert not outcome.ok and outcome.status is None
     assert "refused" in outcome.reason or "unreachable" in outcome.reason
@@ -139,11 +138,11 @@ def test_unsupported_sop_class_is_reported(tmp_path: Path, scp_factory) -> None:
     assert scp.received == []
 
 
-def test_unreadable_file_is_bad_input(tmp_path: Path) -> None:
+def test_unreadable_file_is_bad_input(tmp_path: Path, refused_port: int) -> None:
     junk = tmp_path / "junk.dcm"
     junk.write_bytes(b"not dicom")
     with pytest.raises(BadInputError):
-        send_file(junk, Destination("X", "127.0.0.1", free_port()), "CXR_TRIAGE")
+        send_file(junk, Destination("X", "127.0.0.1", refused_port), "CXR_TRIAGE")
 
 
 def test_status_classification() -> None:

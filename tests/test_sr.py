@@ -295,9 +295,9 @@ def test_air_detail_reads_right_in_dsrdump(tmp_path: Path) -> None:
 
 
 def _walk_items(ds: pydicom.Dataset):  # type: ignore[no-untyped-def]
-    from dicom_node.sr import _walk
+    from dicom_node.sr_content import walk_content
 
-    return _walk(ds.ContentSequence, "1")
+    return walk_content(ds.ContentSequence, "1")
 
 
 def test_procedure_reported_comes_from_the_source_when_it_names_one(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from dicom_node.publisher import CeleryPublisher
 from dicom_node.stability import run_stability_pass
 from tests.support.dicom_factory import make_study_files
 from tests.support.listener_peers import send_files_pynetdicom, study_by_uid
-from tests.support.services import REDIS_HOST, REDIS_PORT, free_port, wait_until
+from tests.support.services import REDIS_HOST, REDIS_PORT, wait_until
 
 pytestmark = pytest.mark.redis
 DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -77,9 +77,10 @@ def test_quiet_study_is_queued_and_published(node_settings: Settings, queue: str
 
 
 def test_broker_down_keeps_study_queued_until_it_is_back(node_settings: Settings, queue: str,
-                                                         tmp_path: Path) -> None:
+                                                         tmp_path: Path,
+                                                         refused_port: int) -> None:
     node = start_node(node_settings, run_stability=False)
-    down = CeleryPublisher(node_settings.replace(broker_url=f"redis://127.0.0.1:{free_port()}/0"),
+    down = CeleryPublisher(node_settings.replace(broker_url=f"redis://127.0.0.1:{refused_port}/0"),
                            timeout=0.5)
     up = CeleryPublisher(node_settings)
     try:
@@ -127,9 +128,10 @@ def test_late_instance_reopens_the_study(node_settings: Settings, queue: str,
 
 
 def test_restart_picks_up_receiving_and_unpublished_studies(node_settings: Settings, queue: str,
-                                                            tmp_path: Path) -> None:
+                                                            tmp_path: Path,
+                                                            refused_port: int) -> None:
     first = start_node(node_settings, run_stability=False)
-    down = CeleryPublisher(node_settings.replace(broker_url=f"redis://127.0.0.1:{free_port()}/0"),
+    down = CeleryPublisher(node_settings.replace(broker_url=f"redis://127.0.0.1:{refused_port}/0"),
                            timeout=0.5)
     try:
         queued_uid = _send_study(first.port, tmp_path)

@@ -23,17 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("db", "dicom_node", "trainer", "worker")
 FLOORS = {"db": 0, "dicom_node": 1, "trainer": 2, "worker": 3, "worker.console": 4}
 
+#: No module is longer than this (the last legacy exceptions were split by job).
 MAX_LINES = 400
-#: Modules still over MAX_LINES, each with the ceiling it may not grow past.  They are
-#: the ones that in-flight work edits heavily (settings is every feature's hot spot), so
-#: they are split after those merges; an entry that has come under MAX_LINES must go.
-OVERSIZE_CEILINGS = {
-    "db.settings": 600,
-    "dicom_node.listener": 420,  # 406 after the multi-process listener landed
-    "dicom_node.sr": 630,  # 629 with the three-class model (issue14)
-    "worker.console.web": 420,
-    "worker.console.web_study": 420,
-}
 
 
 def _modules() -> dict[str, Path]:
@@ -143,11 +134,8 @@ def test_no_import_cycles_between_modules() -> None:
 def test_modules_stay_small() -> None:
     sizes = {name: len(path.read_text(encoding="utf-8").splitlines())
              for name, path in MODULES.items()}
-    too_big = sorted(f"{name}: {n} lines" for name, n in sizes.items()
-                     if n > OVERSIZE_CEILINGS.get(name, MAX_LINES))
+    too_big = sorted(f"{name}: {n} lines" for name, n in sizes.items() if n > MAX_LINES)
     assert too_big == []
-    no_longer_big = sorted(name for name in OVERSIZE_CEILINGS if sizes[name] <= MAX_LINES)
-    assert no_longer_big == [], "remove these from OVERSIZE_CEILINGS"
 
 
 def _definitions(kind: type[ast.AST], name: str) -> list[str]:

@@ -4,7 +4,9 @@ real code against a real database.  ``tests/test_worker_celery.py`` covers real 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from celery.utils.time import get_exponential_backoff_interval
@@ -17,7 +19,7 @@ from db.settings import Settings
 from tests.support.dicom_factory import make_study_files
 from tests.support.worker_data import add_study
 from worker.app import create_app
-from worker.tasks import RETRY_POLICY, TRANSIENT, app_settings
+from worker.tasks import RETRY_POLICY, TRANSIENT, app_settings, runtime
 
 
 @pytest.fixture
@@ -25,6 +27,14 @@ def db(settings: Settings) -> Database:
     database = Database(settings)
     yield database  # type: ignore[misc]
     database.dispose()
+
+
+@pytest.fixture
+def app(settings: Settings) -> Iterator[Any]:
+    """An app for ``settings``; the database its tasks opened is closed afterwards."""
+    celery_app = create_app(settings)
+    yield celery_app
+    runtime(celery_app).db.dispose()
 
 
 def test_the_factory_builds_from_the_settings_it_is_given(make_settings) -> None:  # type: ignore[no-untyped-def]
@@ -51,8 +61,7 @@ def test_retry_policy_is_declared_on_the_tasks(make_settings) -> None:  # type: 
     assert waits == [2, 4, 8, 16, 32, 64, 128, 256, 300]
 
 
-def test_tasks_run_in_process_against_the_database(db: Database, settings: Settings) -> None:
-    app = create_app(settings)
+def test_tasks_run_in_process_against_the_database(db: Database, app: Any) -> None:
     missing = app.tasks[ANALYSE_TASK].apply(args=[999_999, 1]).get()
     assert missing["status"] == "missing"
     noop = app.tasks[DELIVER_TASK].apply(args=[999_999]).get()
@@ -60,12 +69,11 @@ def test_tasks_run_in_process_against_the_database(db: Database, settings: Setti
 
 
 def test_spent_retries_record_the_real_error_on_the_study(db: Database, settings: Settings,
-                                                         tmp_path: Path) -> None:
+                                                         app: Any, tmp_path: Path) -> None:
     from tests.support.worker_data import register_and_promote
 
     register_and_promote(db, settings, "m-policy")
     study_id = add_study(db, settings, make_study_files(tmp_path / "in", n=1))
-    app = create_app(settings)
     task = app.tasks[ANALYSE_TASK]
     exc = OperationalError("SELECT 1", {}, ConnectionError("database went away"))
     task.on_failure(exc, "task-1", (study_id, 1), {}, None)

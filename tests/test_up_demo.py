@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.services import free_port, wait_until
+from tests.support.services import wait_until
 from worker.console import up
 
 DCMTK_ECHOSCU = "/usr/bin/echoscu"  # DCMTK's, not pynetdicom's script of the same name
@@ -76,16 +76,26 @@ def test_supervisor_gives_up_on_a_crash_loop(monkeypatch: pytest.MonkeyPatch) ->
 def test_up_starts_every_process_answers_echo_and_stops_on_sigint(tmp_path: Path) -> None:
     if not Path(DCMTK_ECHOSCU).exists():
         pytest.skip("DCMTK echoscu is not installed (apt install dcmtk)")
-    port, web_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
-    env.update(CXR_DATA_DIR=str(tmp_path / "data"), CXR_PORT=str(port),
-               CXR_BIND_ADDRESS="127.0.0.1", CXR_WEB_PORT=str(web_port),
+    # Port 0 for the listener and the web page; each child announces the port it got.
+    env.update(CXR_DATA_DIR=str(tmp_path / "data"), CXR_PORT="0",
+               CXR_BIND_ADDRESS="127.0.0.1", CXR_WEB_PORT="0",
                CXR_STABLE_SECONDS="1", CXR_LOG_LEVEL="INFO")
     log_path = tmp_path / "up.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "worker.console.cli", "up"], env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
+
+    def announced(pattern: str) -> int | None:
+        found = re.search(pattern, log_path.read_text(errors="replace"))
+        return int(found.group(1)) if found else None
+
     try:
+        port = wait_until(lambda: announced(r"(?m)^LISTENING port=(\d+)$"), timeout=90,
+                          interval=0.5, what="the listener's LISTENING line")
+        web_port = wait_until(lambda: announced(r"web page on http://127\.0\.0\.1:(\d+)/"),
+                              timeout=90, interval=0.5, what="the web page's port")
+
         def echo_ok() -> bool:
             r = subprocess.run([DCMTK_ECHOSCU, "-aet", "STORESCU", "-aec", "CXR_TRIAGE",
                                 "127.0.0.1", str(port)], capture_output=True, timeout=30)

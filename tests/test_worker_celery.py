@@ -173,12 +173,11 @@ def test_broker_outage_studies_wait_then_analysed(make_settings, sqlite_url: str
     from datetime import timedelta
 
     from db.models import utcnow
-    from tests.support.services import free_port
     from tests.support.worker_data import register_and_promote
     from tests.support.worker_process import RedisServer
     from worker.reconciler import reconcile_once
 
-    redis = RedisServer(free_port(), tmp_path / "redis")
+    redis = RedisServer(tmp_path / "redis")
     redis.start()
     try:
         settings = make_settings(database_url=sqlite_url, broker_url=redis.url,

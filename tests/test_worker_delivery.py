@@ -16,7 +16,7 @@ from db.models import Delivery, DeliveryState, Study, StudyState, utcnow
 from db.session import Database
 from db.settings import Settings
 from tests.support.dicom_factory import make_cxr, make_study_files, write
-from tests.support.services import free_port, wait_until
+from tests.support.services import wait_until
 from tests.support.worker_data import add_study, register_and_promote
 from tests.support.worker_process import WorkerProcess
 from worker.delivery import backoff_seconds, create_deliveries, deliver, redeliver
@@ -82,8 +82,8 @@ def test_backoff_until_pacs_returns_then_exactly_once(db: Database, settings: Se
 
 
 def test_deadline_turns_pending_into_failed(db: Database, settings: Settings,
-                                            tmp_path: Path) -> None:
-    settings = settings.replace(pacs=f"NOBODY@127.0.0.1:{free_port()}",
+                                            tmp_path: Path, refused_port: int) -> None:
+    settings = settings.replace(pacs=f"NOBODY@127.0.0.1:{refused_port}",
                                 delivery_deadline_seconds=30)
     delivery_id, _ = _outbox_row(db, settings, tmp_path)
     t0 = utcnow()
@@ -150,9 +150,9 @@ def test_pacs_down_while_worker_delivers(make_settings, sqlite_url: str, orthanc
     db.dispose()
 
 
-def test_missing_outbox_file_fails_at_once_with_its_reason(db: Database, settings: Settings,
-                                                           tmp_path: Path) -> None:
-    settings = settings.replace(pacs=f"PACS@127.0.0.1:{free_port()}")
+def test_missing_outbox_file_fails_at_once_with_its_reason(
+        db: Database, settings: Settings, tmp_path: Path, refused_port: int) -> None:
+    settings = settings.replace(pacs=f"PACS@127.0.0.1:{refused_port}")
     delivery_id, _ = _outbox_row(db, settings, tmp_path)
     Path(_row(db, delivery_id).path).unlink()
     outcome = deliver(db, settings, delivery_id)
@@ -183,11 +183,11 @@ def test_a_study_goes_over_one_association_and_a_refused_class_fails_at_once(
         classes.append(str(event.context.abstract_syntax))
         return 0x0000
 
-    port = free_port()
     ae = AE(ae_title="SC_ONLY")
     ae.add_supported_context("1.2.840.10008.5.1.4.1.1.7", [ExplicitVRLittleEndian])
-    server = ae.start_server(("127.0.0.1", port), block=False,
+    server = ae.start_server(("127.0.0.1", 0), block=False,
                              evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    port = server.server_address[1]
     try:
         settings = settings.replace(pacs=f"SC_ONLY@127.0.0.1:{port}")
         source = make_cxr(rows=64, cols=64)

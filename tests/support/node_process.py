@@ -1,5 +1,6 @@
-"""``python -m dicom_node`` as a child process on a free port (``--port 0`` plus the
-``LISTENING port=`` handshake), for the kill -9 tests."""
+"""``python -m dicom_node`` as a child process on a free port (port 0 plus the
+``LISTENING port=`` handshake): :func:`start_listening`, and :class:`NodeProcess` for the
+kill -9 tests."""
 
 from __future__ import annotations
 
@@ -12,6 +13,25 @@ from pathlib import Path
 from db.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def start_listening(cmd: list[str], log: Path,
+                    env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], int]:
+    """Start ``cmd`` (a node on port 0), stderr to ``log``, and return it with the port
+    from its ``LISTENING port=N`` line, printed once it accepts associations.  The caller
+    closes ``proc.stdout`` when done with the process."""
+    with log.open("a") as log_file:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True,
+                                cwd=ROOT, env=env)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("LISTENING port="):
+        proc.kill()
+        proc.wait(timeout=30)
+        proc.stdout.close()
+        raise AssertionError(f"node did not start: {line!r}\n"
+                             f"{log.read_text(errors='replace')[-2000:]}")
+    return proc, int(line.strip().split("=", 1)[1])
 
 
 class NodeProcess:
@@ -29,13 +49,7 @@ class NodeProcess:
                self.settings.effective_database_url, "--min-free-mb", "1", "--no-stability",
                *extra]
         self._close_pipe()  # a restart: the killed process's pipe is done with
-        with self.log.open("a") as log:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
-                                         cwd=ROOT)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line.startswith("LISTENING port="), f"node did not start: {line!r}"
-        self.port = int(line.strip().split("=", 1)[1])
+        self.proc, self.port = start_listening(cmd, self.log)
 
     def kill9(self) -> None:
         assert self.proc is not None

@@ -1,4 +1,10 @@
-"""Real peers for tests: PostgreSQL databases, Redis, Orthanc, free ports."""
+"""Real peers for tests: PostgreSQL databases, Redis, Orthanc, ports.
+
+Ports are never checked and then bound: our own servers take port 0 and report the port
+they got (``LISTENING port=``); Orthanc, which cannot, is started on ports the OS had free
+and started again on new ones when one has been taken since (:meth:`Orthanc.start`); a
+destination that must refuse connections is a socket bound and held without listening
+(:func:`refusing_port`)."""
 
 from __future__ import annotations
 
@@ -22,10 +28,21 @@ REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cxr"
 
 
-def free_port() -> int:
+def candidate_port() -> int:
+    """A port the OS had free a moment ago.  Only for a server that cannot take port 0,
+    and only where its start is retried on new ports when this one has been taken."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextmanager
+def refusing_port() -> Iterator[int]:
+    """A local port where every connection is refused, for as long as the block runs: a
+    socket bound to it without listening holds it, so no other process can take it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        yield int(s.getsockname()[1])
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -115,24 +132,34 @@ def wait_until(predicate: Any, timeout: float = 30.0, interval: float = 0.1, wha
     )
 
 
+#: What Orthanc logs before it exits when one of its ports is taken.
+ORTHANC_PORT_TAKEN = "privileged or already in use"
+
+
+class PortTakenError(RuntimeError):
+    """A server could not bind a port that another process took first."""
+
+
 @dataclass
 class Orthanc:
-    """A real Orthanc server on free ports, with a temporary configuration and storage."""
+    """A real Orthanc server with a temporary configuration (``workdir/orthanc.json``) and
+    storage; its ports are chosen by :meth:`start`."""
 
-    http_port: int
-    dicom_port: int
     aet: str
     workdir: Path
+    http_port: int = 0
+    dicom_port: int = 0
     process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def rest(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> Any:
+    def rest(self, method: str, path: str, body: Any = None, raw: bytes | None = None,
+             timeout: float = 60) -> Any:
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         req = urllib.request.Request(self.url + path, data=data, method=method)
-        with urllib.request.urlopen(req, timeout=60) as resp:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             payload = resp.read()
         if not payload:
             return None
@@ -150,9 +177,34 @@ class Orthanc:
     def upload(self, path: Path) -> Any:
         return self.post("/instances", raw=path.read_bytes())
 
-    def start(self) -> None:
+    def start(self, attempts: int = 5) -> None:
+        """Start on two ports the OS had free; Orthanc cannot take port 0, so where one has
+        been taken since, Orthanc exits saying so and is started again on new ones.  A
+        restart keeps the ports it had, since its peers know them."""
+        if self.http_port and self.dicom_port:
+            self._start_once()
+            return
+        for _ in range(attempts):
+            self.http_port = candidate_port()
+            self.dicom_port = candidate_port()
+            if self.dicom_port == self.http_port:
+                continue
+            config_path = self.workdir / "orthanc.json"
+            config = json.loads(config_path.read_text())
+            config.update({"HttpPort": self.http_port, "DicomPort": self.dicom_port})
+            config_path.write_text(json.dumps(config, indent=2))
+            try:
+                self._start_once()
+                return
+            except PortTakenError:
+                continue
+        raise RuntimeError(f"Orthanc found no free ports in {attempts} attempts")
+
+    def _start_once(self) -> None:
+        log_path = self.workdir / "orthanc.log"
+        log_start = log_path.stat().st_size if log_path.exists() else 0
         # The child keeps its own copy of the descriptor; ours is closed at once.
-        with open(self.workdir / "orthanc.log", "ab") as log:
+        with open(log_path, "ab") as log:
             self.process = subprocess.Popen(
                 ["Orthanc", str(self.workdir / "orthanc.json")], stdout=log, stderr=log,
                 cwd=self.workdir,
@@ -160,13 +212,20 @@ class Orthanc:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                log_tail = (self.workdir / "orthanc.log").read_text()[-2000:]
-                raise RuntimeError(f"Orthanc exited: {log_tail}")
+                self.process = None
+                with open(log_path, "rb") as log:
+                    log.seek(log_start)
+                    text = log.read().decode(errors="replace")
+                if ORTHANC_PORT_TAKEN in text:
+                    raise PortTakenError(text[-500:])
+                raise RuntimeError(f"Orthanc exited: {text[-2000:]}")
             try:
-                self.get("/system")
-                return
-            except (urllib.error.URLError, ConnectionError, OSError):
-                time.sleep(0.2)
+                # Ours, not whoever else answers on that port while ours gives up.
+                if self.rest("GET", "/system", timeout=2).get("DicomPort") == self.dicom_port:
+                    return
+            except (urllib.error.URLError, ConnectionError, OSError, ValueError):
+                pass
+            time.sleep(0.2)
         raise RuntimeError("Orthanc did not start within 60 s")
 
     def stop(self, graceful: bool = True) -> None:
@@ -191,13 +250,11 @@ def orthanc_available() -> bool:
 def make_orthanc(workdir: Path, modalities: dict[str, list[Any]] | None = None,
                  aet: str = "ORTHANC") -> Orthanc:
     workdir.mkdir(parents=True, exist_ok=True)
-    orthanc = Orthanc(http_port=free_port(), dicom_port=free_port(), aet=aet, workdir=workdir)
+    orthanc = Orthanc(aet=aet, workdir=workdir)
     config = {
         "Name": "cxr-test",
         "StorageDirectory": str(workdir / "db"),
         "IndexDirectory": str(workdir / "db"),
-        "HttpPort": orthanc.http_port,
-        "DicomPort": orthanc.dicom_port,
         "DicomAet": aet,
         "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False,

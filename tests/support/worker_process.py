@@ -105,10 +105,13 @@ class WorkerProcess:
 
 
 class RedisServer:
-    """A private ``redis-server`` on a free port that a test may stop and restart."""
+    """A private ``redis-server`` that a test may stop and restart on the same port.
 
-    def __init__(self, port: int, workdir: Path) -> None:
-        self.port = port
+    Redis cannot take port 0, so the first start uses a port the OS had free, and new ones
+    while redis-server reports it taken (bind, and retry on failure)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = 0
         self.workdir = workdir
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -117,16 +120,41 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        from tests.support.services import port_open, wait_until
+        from tests.support.services import candidate_port
 
         self.workdir.mkdir(parents=True, exist_ok=True)
+        for _ in range(5 if self.port == 0 else 1):
+            port = self.port or candidate_port()
+            if self._start_on(port):
+                self.port = port
+                return
+        raise RuntimeError(f"redis-server found no free port: {self._log()[-1000:]}")
+
+    def _log(self) -> str:
+        path = self.workdir / "redis.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def _start_on(self, port: int) -> bool:
+        """Start on ``port``: True once it accepts, False where the port was taken."""
+        from tests.support.services import wait_until
+
+        before = len(self._log())
         log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+        process = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--daemonize", "no", "--dir", str(self.workdir)],
             stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        wait_until(lambda: port_open("127.0.0.1", self.port), 20, what="redis-server up")
+        # Its own "Ready" line, not whoever else may answer on that port.
+        wait_until(lambda: process.poll() is not None
+                   or "Ready to accept connections" in self._log()[before:],
+                   20, what="redis-server up")
+        if process.poll() is None:
+            self.process = process
+            return True
+        if "Address already in use" in self._log()[before:]:
+            return False
+        raise RuntimeError(f"redis-server exited: {self._log()[before:][-1000:]}")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -1,8 +1,8 @@
 """The ``cxr-triage`` operator command.
 
 Each subcommand is a thin wrapper over a library function.  Pieces owned by other
-packages (registry, labels, delivery, listener) are imported inside the subcommand, so
-the command keeps working, and says what is missing, when one of them is absent.
+packages (registry, labels, delivery, listener) are imported inside the subcommand that
+uses them, so ``status`` or ``settings`` does not pay for loading torch.
 
 Exit codes: 0 success, 1 the operation failed (rows rejected, study unknown, a check
 failed), 2 bad usage (argparse), 3 a component this subcommand needs is not available.
@@ -28,24 +28,6 @@ EXIT_USAGE = 2
 EXIT_MISSING = 3
 
 log = logging.getLogger("cxr_triage.cli")
-
-
-class MissingComponentError(RuntimeError):
-    """A module this subcommand needs is not installed or not built yet (packaging fault)."""
-
-
-def _require(module: str, attr: str) -> Any:
-    """Import ``module.attr`` lazily, turning absence into a named error."""
-    import importlib
-
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        raise MissingComponentError(f"{module} is not available ({exc})") from exc
-    try:
-        return getattr(mod, attr)
-    except AttributeError as exc:
-        raise MissingComponentError(f"{module}.{attr} is not available") from exc
 
 
 def _database(settings: Settings) -> Any:
@@ -120,14 +102,13 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_model_register(args: argparse.Namespace, settings: Settings) -> int:
-    register_model = _require("trainer.registry", "register_model")
+    from trainer.checkpoint import CheckpointError
+    from trainer.registry import RegistryError, promote, register_model
+
     path = Path(args.path)
     if not path.is_file():
         print(f"error: checkpoint {path} does not exist", file=sys.stderr)
         return EXIT_FAILED
-    registry_error = _require("trainer.registry", "RegistryError")
-    checkpoint_error = _require("trainer.checkpoint", "CheckpointError")
-    promote = _require("trainer.registry", "promote")
     db = _database(settings)
     try:
         info = register_model(db, path)
@@ -135,7 +116,7 @@ def cmd_model_register(args: argparse.Namespace, settings: Settings) -> int:
         if args.promote:
             info = promote(db, info.version)
             print(f"promoted model {info.version} to production")
-    except (registry_error, checkpoint_error) as exc:
+    except (RegistryError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     finally:
@@ -144,14 +125,14 @@ def cmd_model_register(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_model_approve(args: argparse.Namespace, settings: Settings) -> int:
-    approve = _require("trainer.promotion", "approve")
-    approver = _require("trainer.promotion", "approver")
-    registry_error = _require("trainer.registry", "RegistryError")
+    from trainer.promotion import approve, approver
+    from trainer.registry import RegistryError
+
     by = args.by or approver()
     db = _database(settings)
     try:
         info = approve(db, args.version, by)
-    except registry_error as exc:
+    except RegistryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     finally:
@@ -161,17 +142,17 @@ def cmd_model_approve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_labels_import(args: argparse.Namespace, settings: Settings) -> int:
-    import_labels = _require("trainer.labels", "import_labels")
+    from trainer.labels import LabelFileError, import_labels
+
     path = Path(args.file)
     if not path.is_file():
         print(f"error: label file {path} does not exist", file=sys.stderr)
         return EXIT_FAILED
-    label_file_error = _require("trainer.labels", "LabelFileError")
     db = _database(settings)
     try:
         report = import_labels(db, path,
                                waiting=lambda message: print(message, file=sys.stderr))
-    except label_file_error as exc:
+    except LabelFileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     finally:
@@ -186,10 +167,10 @@ def cmd_labels_import(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_redeliver(args: argparse.Namespace, settings: Settings) -> int:
-    redeliver = _require("worker.delivery", "redeliver")
     from sqlalchemy import select
 
     from db.models import Study
+    from worker.delivery import redeliver
 
     db = _database(settings)
     try:
@@ -378,8 +359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args, settings)
-    except MissingComponentError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except ModuleNotFoundError as exc:  # a broken installation, not the operator's fault
+        print(f"error: {exc.name or exc} is missing from the installation", file=sys.stderr)
         return EXIT_MISSING
     except KeyboardInterrupt:
         return 130

@@ -8,37 +8,40 @@ report (200 or 503); ``/metrics`` the gauges for Prometheus;
 ``/heatmap/<prediction id>.png`` a thumbnail rendered from the stored heatmap alone
 (``.npy`` float map or ``.png``); ``/reports/<path>`` HTML reports and PNG plots under
 ``settings.reports_dir``; ``/static/<file>`` the stylesheet.  Nothing here writes.  The
-radiologists' pages live in :mod:`worker.console.web_study`.
+pages are drawn in :mod:`worker.console.web_home` (the front page),
+:mod:`worker.console.web_study` (one study, for radiologists) and
+:mod:`worker.console.web_models` (the models).
 """
 
 from __future__ import annotations
 
-import html
 import io
 import json
 import logging
 import threading
-from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from db.session import Database
 from db.settings import Settings
 from db.uids import is_valid_uid
 from worker.console import web_security
+from worker.console.web_home import (
+    NOT_FOR_DIAGNOSIS,
+    THUMBNAIL_PX,
+    load_page_data,
+    render_page,
+)
+from worker.console.web_models import load_models, render_models
 from worker.console.web_study import (
     MAX_OVERLAY_PX,
     OVERLAY_PX,
     BadQueryError,
     ListQuery,
-    count_studies,
-    load_models,
     load_study,
-    render_list_controls,
-    render_models,
     render_overlay_png,
     render_study,
 )
@@ -46,11 +49,6 @@ from worker.console.web_study import (
 log = logging.getLogger(__name__)
 REPORT_TYPES = {".png": "image/png", ".html": "text/html; charset=utf-8"}
 STATIC_DIR = Path(__file__).parent / "web_static"
-THUMBNAIL_PX = 192
-NOT_FOR_DIAGNOSIS = (
-    "Research software for triage support. Not a diagnostic device: every result must be "
-    "read by a qualified radiologist."
-)
 
 
 # ----- images ----------------------------------------------------------------------------
@@ -85,133 +83,6 @@ def render_heatmap_png(path: Path, size: int = THUMBNAIL_PX) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
-
-
-# ----- page ------------------------------------------------------------------------------
-
-
-def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value))
-
-
-def _prob(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
-
-
-@dataclass
-class PageData:
-    status: dict[str, Any]
-    models: list[dict[str, Any]]
-    query: ListQuery
-    total: int  # studies matching the query's state, all pages
-
-
-def load_page_data(db: Database, settings: Settings,
-                   query: ListQuery | None = None) -> PageData:
-    from worker.console.status import StatusQuery, collect_status, list_models
-
-    query = query or ListQuery()
-    with db.session() as s:
-        status = collect_status(s, StatusQuery(limit=query.page_size, state=query.state,
-                                               offset=query.offset))
-        models = list_models(s)
-    return PageData(status, models, query, count_studies(db, query.state))
-
-
-def render_page(data: PageData) -> str:
-    summ = data.status["summary"]
-    counts = "".join(f"<span>{_e(k)}: <b>{v}</b></span>"
-                     for k, v in summ["studies_by_state"].items())
-    prod = summ["production_model"]
-    prod_text = ("<b>no production model</b> — register one with "
-                 "<code>cxr-triage model register PATH --promote</code>"
-                 if prod is None else f"production model <b>{_e(prod['version'])}</b>")
-    held = summ.get("newest_model_not_promoted")
-    if held is not None:
-        prod_text += (f'</span><span class="not-promoted">newest model '
-                      f"<b>{_e(held['version'])}</b> not promoted: "
-                      f"{_e(held['not_promoted_reason'] or 'no reason recorded')}")
-    rows = []
-    for st in data.status["studies"]:
-        pred = st["prediction"] or {}
-        call = pred.get("positive")
-        call_html = ("–" if call is None else
-                     '<span class="call-positive">POSITIVE</span>' if call else
-                     '<span class="call-negative">negative</span>')
-        pcall = pred.get("pneumonia_positive")
-        pneu_html = ("–" if pcall is None else
-                     '<span class="call-positive">POSITIVE</span>' if pcall else
-                     '<span class="call-negative">negative</span>')
-        thumbs = "".join(
-            f'<img class="heatmap" alt="heatmap {h["prediction_id"]}" '
-            f'src="/overlay/{h["prediction_id"]}.png?px={THUMBNAIL_PX}">'
-            for h in st["heatmaps"][:3]
-        ) or '<span class="muted">–</span>'
-        deliveries = "<br>".join(
-            f"{_e(d['kind'])} → {_e(d['destination'])}: {_e(d['state'])}"
-            + (f" ({d['attempts']}×)" if d["attempts"] else "")
-            + (f' <span class="muted">{_e(d["reason"])}</span>' if d["reason"] else "")
-            for d in st["deliveries"]
-        ) or '<span class="muted">–</span>'
-        rows.append(
-            f"<tr><td class=\"uid\"><a href=\"/study/{quote(st['study_uid'], safe='')}\">"
-            f"{_e(st['study_uid'])}</a></td>"
-            f"<td class=\"state-{_e(st['state'])}\">{_e(st['state'])}</td>"
-            f"<td>{st['instances']}</td><td>{_e((st['received_at'] or '')[:19])}</td>"
-            f"<td>{_prob(pred.get('probability'))}</td><td>{call_html}</td>"
-            f"<td>{_prob(pred.get('pneumonia_probability'))}</td><td>{pneu_html}</td>"
-            f"<td>{_e(pred.get('model_version') or '–')}</td><td>{thumbs}</td>"
-            f"<td>{deliveries}</td><td>{_e(st['reason'] or '')}</td></tr>"
-        )
-    studies_html = "\n".join(rows) or '<tr><td colspan="12">No studies received yet.</td></tr>'
-    model_rows = []
-    for m in data.models:
-        ev = m["last_evaluation"] or {}
-        anchor = "/models#model-" + quote(m["version"], safe="")
-        model_rows.append(
-            f"<tr><td>{_e(m['version'])}</td><td>{_e(m['stage'])}</td>"
-            f"<td>{_e(m['architecture'])}</td><td>{m['threshold']:.3f}</td>"
-            f"<td>{_prob(ev.get('auc'))}</td><td>{_prob(ev.get('sensitivity'))}</td>"
-            f"<td>{_prob(ev.get('specificity'))}</td><td>{_e(ev.get('n_images', '–'))}</td>"
-            f"<td><a href=\"{_e(anchor)}\">report and plots</a></td>"
-            f"<td class=\"why\">{_e(m['not_promoted_reason'] or '')}"
-            + (f"approved by {_e(m['approved_by'])} at {_e(m['approved_at'])}"
-               if m["approved_by"] else "") + "</td></tr>"
-        )
-    models_html = "\n".join(model_rows) or '<tr><td colspan="10">No models registered.</td></tr>'
-    failed = "".join(
-        f"<li>{_e(d['study_uid'])} {_e(d['kind'])} → {_e(d['destination'])}: "
-        f"{_e(d['reason'])}</li>" for d in summ["failed_deliveries"])
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="refresh" content="15">
-<title>cxr-triage</title><link rel="stylesheet" href="/static/style.css"></head>
-<body>
-<h1>cxr-triage</h1>
-<div class="banner">{_e(NOT_FOR_DIAGNOSIS)}</div>
-<div class="summary">{counts}<span>{prod_text}</span></div>
-{f'<h2>Failed deliveries</h2><ul>{failed}</ul>' if failed else ''}
-<h2>Studies</h2>
-{render_list_controls(data.query, len(data.status["studies"]), data.total)}
-<table id="studies"><thead><tr><th>Study UID</th><th>State</th><th>Images</th>
-<th>Received (UTC)</th><th>COVID-19 probability</th><th>Call</th>
-<th>Pneumonia pattern</th><th>Call</th><th>Model</th><th>Heatmap</th>
-<th>Delivery</th><th>Reason</th></tr></thead>
-<tbody>
-{studies_html}
-</tbody></table>
-<h2>Models</h2>
-<p><a href="/models">Models, HTML reports and evaluation plots →</a></p>
-<table id="models"><thead><tr><th>Version</th><th>Stage</th><th>Architecture</th>
-<th>Threshold</th><th>AUC</th><th>Sensitivity</th><th>Specificity</th><th>n</th>
-<th>Evaluation</th><th>Why not in production</th></tr></thead>
-<tbody>
-{models_html}
-</tbody></table>
-<footer>Read-only view. JSON: <a href="/api/status">/api/status</a> ·
-health: <a href="/healthz">/healthz</a></footer>
-</body></html>
-"""
 
 
 # ----- server ----------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The radiologists' pages of the web console: one study, the study list's filter and
-paging, the models with their reports, and the heatmap drawn over the radiograph.
+paging, and the heatmap drawn over the radiograph.
 
 Read-only.  Every value shown is escaped; every file served is found through a database
 row and must lie under its own folder of the data dir (spool, heatmaps, reports), never a
@@ -11,13 +11,12 @@ Routes (wired in :mod:`worker.console.web`):
 - ``/study/<study uid>``: :func:`load_study` + :func:`render_study`;
 - ``/overlay/<prediction id>.png[?px=N]``: :func:`render_overlay_png`, the heatmap over
   the radiograph as in the Secondary Capture (same blend, :func:`dicom_node.burnin.overlay`);
-- ``/models``: :func:`load_models` + :func:`render_models`;
-- ``/?state=S&page=N``: :class:`ListQuery` (the list itself stays in :mod:`worker.console.web`).
+- ``/?state=S&page=N``: :class:`ListQuery` (the list itself is in
+  :mod:`worker.console.web_home`; the models page in :mod:`worker.console.web_models`).
 """
 
 from __future__ import annotations
 
-import html
 import io
 import string
 from dataclasses import dataclass, field
@@ -28,26 +27,14 @@ from urllib.parse import quote, urlencode
 from db.models import StudyState
 from db.session import Database
 from db.settings import Settings
+from worker.console.web_html import call, esc, prob
 
 PAGE_SIZE = 50
 OVERLAY_PX = 768  # long side of the overlay on the study page
-THUMB_PX = 192
 MAX_OVERLAY_PX = 1024
 
 
-def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value))
 
-
-def _prob(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
-
-
-def _call(positive: bool | None) -> str:
-    if positive is None:
-        return "–"
-    return ('<span class="call-positive">POSITIVE</span>' if positive
-            else '<span class="call-negative">negative</span>')
 
 
 def under(path: str | Path | None, root: Path) -> Path | None:
@@ -98,15 +85,15 @@ def render_list_controls(query: ListQuery, shown: int, total: int) -> str:
     states = [("all", None), *((s.value, s.value) for s in StudyState)]
     links = " ".join(
         f'<a class="filter{" active" if query.state == value else ""}" '
-        f'href="{_e(query.url(state=value, page=1))}">{_e(name)}</a>'
+        f'href="{esc(query.url(state=value, page=1))}">{esc(name)}</a>'
         for name, value in states)
     first = query.offset + 1 if shown else 0
     nav = [f'<span class="muted">{first}–{query.offset + shown} of {total}</span>']
     if query.page > 1:
-        nav.insert(0, f'<a rel="prev" href="{_e(query.url(page=query.page - 1))}">'
+        nav.insert(0, f'<a rel="prev" href="{esc(query.url(page=query.page - 1))}">'
                       "← newer</a>")
     if query.offset + shown < total:
-        nav.append(f'<a rel="next" href="{_e(query.url(page=query.page + 1))}">older →</a>')
+        nav.append(f'<a rel="next" href="{esc(query.url(page=query.page + 1))}">older →</a>')
     return (f'<nav class="filters">State: {links}</nav>'
             f'<nav class="pages">{" ".join(nav)}</nav>')
 
@@ -212,51 +199,51 @@ def render_study(view: StudyView, banner: str) -> str:
                             '<br><span class="muted">radiograph no longer in the spool: '
                             "heatmap alone</span>")
             picture = (f'<img class="overlay" alt="heatmap over radiograph '
-                       f'{_e(img.sop_instance_uid)}" src="/overlay/{img.prediction_id}.png">'
+                       f'{esc(img.sop_instance_uid)}" src="/overlay/{img.prediction_id}.png">'
                        f"{caption_note}")
         else:
             picture = '<div class="no-image">no heatmap</div>'
         if img.scored:
             called = None if img.probability is None or threshold is None \
                 else img.probability >= threshold
-            verdict = f"probability <b>{_prob(img.probability)}</b> · {_call(called)}"
+            verdict = f"probability <b>{prob(img.probability)}</b> · {call(called)}"
         else:
-            verdict = f'<span class="skip">skipped: {_e(img.skip_reason or "–")}</span>'
+            verdict = f'<span class="skip">skipped: {esc(img.skip_reason or "–")}</span>'
         figures.append(
             f'<figure class="image">{picture}<figcaption>'
-            f'<span class="uid">{_e(img.sop_instance_uid)}</span><br>'
-            f"{_e(img.modality or '?')} {_e(img.view_position or '')} · {verdict}"
+            f'<span class="uid">{esc(img.sop_instance_uid)}</span><br>'
+            f"{esc(img.modality or '?')} {esc(img.view_position or '')} · {verdict}"
             f"</figcaption></figure>")
     deliveries = "".join(
-        f"<tr><td>{_e(d['kind'].upper())}</td><td>{_e(d['destination'])}</td>"
-        f"<td class=\"state-{_e(d['state'])}\">{_e(d['state'])}</td><td>{d['attempts']}</td>"
-        f"<td>{_e((d['delivered_at'] or '')[:19])}</td><td>{_e(d['reason'] or '')}</td></tr>"
+        f"<tr><td>{esc(d['kind'].upper())}</td><td>{esc(d['destination'])}</td>"
+        f"<td class=\"state-{esc(d['state'])}\">{esc(d['state'])}</td><td>{d['attempts']}</td>"
+        f"<td>{esc((d['delivered_at'] or '')[:19])}</td><td>{esc(d['reason'] or '')}</td></tr>"
         for d in view.deliveries) or '<tr><td colspan="6">No results sent yet.</td></tr>'
     skips = [img for img in view.images if not img.scored and img.skip_reason]
-    skip_html = "".join(f"<li><span class=\"uid\">{_e(i.sop_instance_uid)}</span>: "
-                        f"{_e(i.skip_reason)}</li>" for i in skips)
-    viewer = (f'<a class="viewer" href="{_e(view.viewer_url)}" target="_blank" '
+    skip_html = "".join(f"<li><span class=\"uid\">{esc(i.sop_instance_uid)}</span>: "
+                        f"{esc(i.skip_reason)}</li>" for i in skips)
+    viewer = (f'<a class="viewer" href="{esc(view.viewer_url)}" target="_blank" '
               f'rel="noopener">Open in the PACS viewer</a>' if view.viewer_url else
               '<span class="muted">no PACS viewer link configured '
               "(viewer_url_template)</span>")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
-<title>Study {_e(view.accession_number or view.study_uid)} · cxr-triage</title>
+<title>Study {esc(view.accession_number or view.study_uid)} · cxr-triage</title>
 <link rel="stylesheet" href="/static/style.css"></head>
 <body>
 <p><a href="/">← all studies</a></p>
-<h1>Accession {_e(view.accession_number or "–")}</h1>
-<div class="banner">{_e(banner)}</div>
+<h1>Accession {esc(view.accession_number or "–")}</h1>
+<div class="banner">{esc(banner)}</div>
 <dl class="facts">
-<dt>Study UID</dt><dd class="uid">{_e(view.study_uid)}</dd>
-<dt>State</dt><dd class="state-{_e(view.state)}">{_e(view.state)}{
-    f' <span class="muted">({_e(view.reason)})</span>' if view.reason else ''}</dd>
-<dt>Received (UTC)</dt><dd>{_e((view.received_at or '')[:19])}</dd>
-<dt>Probability</dt><dd id="probability">{_prob(a.get("probability"))}</dd>
-<dt>Call</dt><dd id="call">{_call(a.get("positive"))}</dd>
-<dt>Threshold</dt><dd id="threshold">{_prob(threshold)}</dd>
-<dt>Model</dt><dd id="model">{_e(a.get("model_version") or "–")}{
-    f' ({_e(a.get("heatmap_method"))})' if a.get("heatmap_method") else ''}</dd>
+<dt>Study UID</dt><dd class="uid">{esc(view.study_uid)}</dd>
+<dt>State</dt><dd class="state-{esc(view.state)}">{esc(view.state)}{
+    f' <span class="muted">({esc(view.reason)})</span>' if view.reason else ''}</dd>
+<dt>Received (UTC)</dt><dd>{esc((view.received_at or '')[:19])}</dd>
+<dt>Probability</dt><dd id="probability">{prob(a.get("probability"))}</dd>
+<dt>Call</dt><dd id="call">{call(a.get("positive"))}</dd>
+<dt>Threshold</dt><dd id="threshold">{prob(threshold)}</dd>
+<dt>Model</dt><dd id="model">{esc(a.get("model_version") or "–")}{
+    f' ({esc(a.get("heatmap_method"))})' if a.get("heatmap_method") else ''}</dd>
 <dt>Viewer</dt><dd>{viewer}</dd>
 </dl>
 <h2>Images</h2>
@@ -306,111 +293,6 @@ def render_overlay_png(db: Database, settings: Settings, prediction_id: int,
     return buf.getvalue()
 
 
-# ----- models --------------------------------------------------------------------------------
-
-
-def report_pngs(report_path: str | None, reports_dir: Path) -> list[Path]:
-    """The PNG plots belonging to a report: the file itself, the PNGs in a report folder,
-    or the PNGs beside a non-image report file.  Only paths under ``reports_dir``."""
-    if not report_path:
-        return []
-    p = Path(report_path)
-    if p.is_dir():
-        found = sorted(p.glob("*.png"))
-    elif p.suffix.lower() == ".png":
-        found = [p] if p.is_file() else []
-    elif p.exists():
-        found = sorted(p.parent.glob("*.png"))
-    else:
-        found = []
-    root = reports_dir.resolve()
-    return [f for f in found if f.resolve().is_relative_to(root)]
-
-
-@dataclass
-class ModelReports:
-    model: dict[str, Any]
-    reports: list[str]  # URLs of HTML reports
-    plots: list[str]  # URLs of PNG plots
-
-
-def _report_url(path: Path, root: Path) -> str:
-    return "/reports/" + quote(path.resolve().relative_to(root.resolve()).as_posix())
-
-
-def load_models(db: Database, settings: Settings) -> list[ModelReports]:
-    from sqlalchemy import select
-
-    from db.models import Evaluation, ModelVersion, RetrainRun
-    from worker.console.status import list_models
-
-    root = settings.reports_dir
-    with db.session() as s:
-        models = list_models(s)
-        rows = s.execute(
-            select(ModelVersion.version, Evaluation.report_path)
-            .join(Evaluation, Evaluation.model_version_id == ModelVersion.id)
-            .order_by(Evaluation.id)).all()
-        runs = s.execute(select(RetrainRun.challenger_version, RetrainRun.report_path)
-                         .where(RetrainRun.report_path.is_not(None))).all()
-    out = {m["version"]: ModelReports(m, [], []) for m in models}
-    for version, report in [*rows, *runs]:
-        entry = out.get(version or "")
-        if entry is None or not report:
-            continue
-        index = under(report, root)
-        if index is not None and index.suffix.lower() == ".html":
-            url = _report_url(index, root)
-            if url not in entry.reports:
-                entry.reports.append(url)
-        for png in report_pngs(report, root):
-            url = _report_url(png, root)
-            if url not in entry.plots:
-                entry.plots.append(url)
-    return list(out.values())
-
-
-def render_models(models: list[ModelReports], banner: str) -> str:
-    rows, sections = [], []
-    for entry in models:
-        m = entry.model
-        ev = m["last_evaluation"] or {}
-        anchor = "model-" + quote(m["version"], safe="")
-        links = " ".join(f'<a class="report-link" href="{_e(u)}">report {i + 1}</a>'
-                         for i, u in enumerate(entry.reports)) or '<span class="muted">–</span>'
-        rows.append(
-            f"<tr><td><a href=\"#{_e(anchor)}\">{_e(m['version'])}</a></td>"
-            f"<td>{_e(m['stage'])}</td><td>{_e(m['architecture'])}</td>"
-            f"<td>{m['threshold']:.3f}</td><td>{_prob(ev.get('auc'))}</td>"
-            f"<td>{_prob(ev.get('sensitivity'))}</td><td>{_prob(ev.get('specificity'))}</td>"
-            f"<td>{_e(ev.get('n_images', '–'))}</td><td>{links}</td></tr>")
-        plots = "".join(f'<a href="{_e(u)}"><img class="plot" alt="evaluation plot" '
-                        f'src="{_e(u)}"></a>' for u in entry.plots)
-        sections.append(
-            f'<section id="{_e(anchor)}"><h2>{_e(m["version"])}</h2>'
-            f"<p>{links}</p>"
-            + (f'<div class="plot-grid">{plots}</div>' if plots
-               else '<p class="muted">No plots.</p>') + "</section>")
-    table = "\n".join(rows) or '<tr><td colspan="9">No models registered.</td></tr>'
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<title>Models · cxr-triage</title><link rel="stylesheet" href="/static/style.css"></head>
-<body>
-<p><a href="/">← studies</a></p>
-<h1>Models</h1>
-<div class="banner">{_e(banner)}</div>
-<table id="models"><thead><tr><th>Version</th><th>Stage</th><th>Architecture</th>
-<th>Threshold</th><th>AUC</th><th>Sensitivity</th><th>Specificity</th><th>n</th>
-<th>HTML report</th></tr></thead>
-<tbody>
-{table}
-</tbody></table>
-{"".join(sections)}
-<footer>Read-only view.</footer>
-</body></html>
-"""
-
-
-__all__ = ["PAGE_SIZE", "BadQueryError", "ListQuery", "ModelReports", "StudyImage",
-           "StudyView", "count_studies", "load_models", "load_study", "render_list_controls",
-           "render_models", "render_overlay_png", "render_study", "under", "viewer_url"]
+__all__ = ["PAGE_SIZE", "BadQueryError", "ListQuery", "StudyImage", "StudyView",
+           "count_studies", "load_study", "render_list_controls", "render_overlay_png",
+           "render_study", "under", "viewer_url"]
