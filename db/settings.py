@@ -66,10 +66,11 @@ class Settings:
     inference_queue: str = "inference"
     delivery_queue: str = "delivery"
     visibility_timeout: int = 7200
-    task_max_retries: int = 5
     scheduler_interval: float = 2.0
     reconcile_after_seconds: float = 900.0
-    max_analysis_attempts: int = 5
+    # Tries of one study, whatever repeats it: Celery's retries after infrastructure
+    # trouble and redeliveries after a lost worker share this one budget.
+    max_analysis_attempts: int = 6
 
     # Scoring
     device: str = "auto"  # auto, cpu, cuda, cuda:N
@@ -224,7 +225,20 @@ _DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 #: Numbers that must be strictly positive (a zero timeout or interval would spin or hang).
 _POSITIVE = ("network_timeout", "acse_timeout", "dimse_timeout", "scheduler_interval",
              "visibility_timeout", "max_pdu", "input_size", "epochs", "batch_size",
-             "occlusion_size", "occlusion_stride", "occlusion_batch")
+             "occlusion_size", "occlusion_stride", "occlusion_batch",
+             "max_analysis_attempts")
+
+
+#: Settings that were retired, with what took their place.
+_RETIRED = {"task_max_retries": "max_analysis_attempts, the one budget of tries of a study"}
+
+
+def _unknown(name: str, shown: str | None = None) -> str:
+    """The error text for a setting name that does not exist (or no longer does)."""
+    label = shown or repr(name)
+    if name in _RETIRED:
+        return f"setting {label} was retired: use {_RETIRED[name]}"
+    return f"unknown setting {label}"
 
 
 def _check_numbers(s: Settings) -> None:
@@ -345,18 +359,18 @@ def load_settings(
             raise SettingsError(f"cannot read config file {config_path}: {exc}") from exc
         for key, raw in data.items():
             if key not in names:
-                raise SettingsError(f"config file {config_path}: unknown setting {key!r}")
+                raise SettingsError(f"config file {config_path}: {_unknown(key)}")
             values[key] = _coerce(key, raw)
     for key, raw in env.items():
         if not key.startswith(ENV_PREFIX) or key == f"{ENV_PREFIX}CONFIG":
             continue
         name = key[len(ENV_PREFIX):].lower()
         if name not in names:
-            raise SettingsError(f"unknown setting {key}")
+            raise SettingsError(_unknown(name, key))
         values[name] = _coerce(name, raw)
     for key, raw in (overrides or {}).items():
         if key not in names:
-            raise SettingsError(f"unknown setting {key!r}")
+            raise SettingsError(_unknown(key))
         values[key] = _coerce(key, raw) if raw is not None or key.startswith("tls_") else raw
     settings = dataclasses.replace(base or Settings(), **values)
     _validate(settings)

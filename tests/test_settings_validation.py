@@ -52,6 +52,7 @@ BAD_ENV: dict[str, tuple[str, str]] = {
     "rule that is not an object": ("CXR_SELECTION_RULES", '["CR"]'),
     "rule with an empty list": ("CXR_SELECTION_RULES", '[{"name": "x", "Modality": []}]'),
     "acse timeout above network timeout": ("CXR_ACSE_TIMEOUT", "500"),
+    "zero analysis attempts": ("CXR_MAX_ANALYSIS_ATTEMPTS", "0"),
 }
 
 
@@ -60,6 +61,18 @@ def test_nonsense_is_refused_at_load(name: str, tmp_path: Path) -> None:
     key, value = BAD_ENV[name]
     with pytest.raises(SettingsError):
         load_settings(env={key: value, "CXR_DATA_DIR": str(tmp_path / "d")})
+
+
+def test_a_retired_setting_names_its_successor(tmp_path: Path) -> None:
+    """The one retry budget replaced task_max_retries: an old deployment learns where to."""
+    env = {"CXR_TASK_MAX_RETRIES": "5", "CXR_DATA_DIR": str(tmp_path / "d")}
+    with pytest.raises(SettingsError, match="CXR_TASK_MAX_RETRIES was retired: use "
+                                            "max_analysis_attempts"):
+        load_settings(env=env)
+    config = tmp_path / "cxr.toml"
+    config.write_text("task_max_retries = 5\n")
+    with pytest.raises(SettingsError, match="'task_max_retries' was retired"):
+        load_settings(config_file=config, env={"CXR_DATA_DIR": str(tmp_path / "d")})
 
 
 def test_a_data_dir_that_cannot_be_a_folder_is_refused(not_a_dir: Path) -> None:

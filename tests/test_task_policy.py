@@ -38,16 +38,18 @@ def app(settings: Settings) -> Iterator[Any]:
 
 
 def test_the_factory_builds_from_the_settings_it_is_given(make_settings) -> None:  # type: ignore[no-untyped-def]
-    a = create_app(make_settings(task_max_retries=3))
-    b = create_app(make_settings(task_max_retries=7))
-    assert app_settings(a).task_max_retries == 3 and app_settings(b).task_max_retries == 7
+    a = create_app(make_settings(max_analysis_attempts=4))
+    b = create_app(make_settings(max_analysis_attempts=8))
+    assert app_settings(a).max_analysis_attempts == 4
+    assert app_settings(b).max_analysis_attempts == 8
+    # One budget: the first try and Celery's retries together make the study's attempts.
     assert a.tasks[ANALYSE_TASK].max_retries == 3
     assert b.tasks[ANALYSE_TASK].max_retries == 7
     assert set(a.tasks) >= {ANALYSE_TASK, DELIVER_TASK, RECONCILE_TASK}
 
 
 def test_retry_policy_is_declared_on_the_tasks(make_settings) -> None:  # type: ignore[no-untyped-def]
-    app = create_app(make_settings(task_max_retries=5))
+    app = create_app(make_settings(max_analysis_attempts=6))
     analyse, deliver = app.tasks[ANALYSE_TASK], app.tasks[DELIVER_TASK]
     for task in (analyse, deliver):
         assert task.autoretry_for == TRANSIENT

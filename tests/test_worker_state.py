@@ -66,7 +66,7 @@ def test_attempt_budget_stops_redelivery_loops(db: Database, settings: Settings,
                                                tmp_path: Path) -> None:
     from tests.support.worker_data import register_and_promote
 
-    settings = settings.replace(max_analysis_attempts=2, task_max_retries=0)
+    settings = settings.replace(max_analysis_attempts=2)
     register_and_promote(db, settings, "m-attempts")
     study_id = _study(db, settings, tmp_path)
     cache = ModelCache(settings)
@@ -89,16 +89,17 @@ def test_attempt_budget_stops_redelivery_loops(db: Database, settings: Settings,
 
 def test_transient_retries_keep_their_budget_and_record_the_error(
         db: Database, settings: Settings, tmp_path: Path) -> None:
-    """Celery's retries after a transient fault claim the study again; the last one must
-    still run, so the study fails with the real error, not as a lost redelivery."""
+    """Celery's retries after a transient fault claim the study again and spend the one
+    budget; Celery's last retry is the budget's last try and must still run, so the study
+    fails with the real error, not as a lost redelivery."""
     from tests.support.worker_data import register_and_promote
     from worker.analysis import mark_failed
 
-    settings = settings.replace(max_analysis_attempts=5, task_max_retries=5)
+    settings = settings.replace(max_analysis_attempts=6)
     register_and_promote(db, settings, "m-transient")
     study_id = _study(db, settings, tmp_path)
     cache = ModelCache(settings)
-    for attempt in range(1, settings.task_max_retries + 2):  # the first try and 5 retries
+    for attempt in range(1, settings.max_analysis_attempts + 1):  # the first try and 5 retries
         got = claim(db, settings, cache, study_id, 1)
         assert isinstance(got, Claim) and got.attempt == attempt
     assert mark_failed(db, study_id, 1, "transient failure after 6 tries: OperationalError")

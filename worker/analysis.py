@@ -93,10 +93,11 @@ def claim(
             return Outcome(study_id, AnalyseStatus.DUPLICATE, "analysis already stored",
                            existing.id)
         study.attempts = (study.attempts or 0) + 1
-        # Every claim counts, Celery's own retries after transient faults included; those
-        # retries get their own budget (task_max_retries) on top of the redeliveries', so
-        # the last retry still runs and records the real error (see worker.tasks).
-        budget = settings.max_analysis_attempts + settings.task_max_retries
+        # Every claim counts: Celery's retries after a transient fault and redeliveries
+        # after a lost worker spend one budget.  Celery stops retrying at the same count
+        # (worker.app.task_policy), so its last retry still runs here and records the
+        # real error; only a study that keeps losing its worker ends here.
+        budget = settings.max_analysis_attempts
         if study.attempts > budget:
             reason = (f"gave up after {budget} attempts "
                       "(worker lost or message redelivered)")

@@ -10,9 +10,12 @@ visibility timeout, queue routes) is shared with the listener through
 :func:`db.broker.celery_config`.
 
 Retry policy is declared on the tasks (``autoretry_for``, ``retry_backoff``) with one
-budget set here from the settings: ``settings.task_max_retries`` retries for infrastructure
-trouble in an analysis, after 2 s, 4 s, ... at most 300 s.  Deliveries retry infrastructure
-trouble without a count, since their deadline (``worker.delivery``) bounds them.
+budget set here from the settings: a study is tried at most ``settings.max_analysis_attempts``
+times, so an analysis retries infrastructure trouble that many times less one, after 2 s,
+4 s, ... at most 300 s; a redelivery after a lost worker spends the same budget (counted
+by the claim, :func:`worker.analysis.claim`, which Celery's retry count cannot see).
+Deliveries retry infrastructure trouble without a count, since their deadline
+(``worker.delivery``) bounds them.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ def task_policy(s: Settings) -> dict[str, dict[str, Any]]:
     Which errors retry and the backoff are declared on the tasks
     (:data:`worker.tasks.RETRY_POLICY`)."""
     return {
-        ANALYSE_TASK: {"max_retries": s.task_max_retries},
+        ANALYSE_TASK: {"max_retries": s.max_analysis_attempts - 1},
         DELIVER_TASK: {"max_retries": None},
         RECONCILE_TASK: {"max_retries": 0},
     }
