@@ -147,7 +147,8 @@ def cmd_nightly(args: argparse.Namespace) -> dict[str, Any]:
         import csv
 
         tmp = Path(tempfile.mkdtemp(prefix="cxr-bench-"))
-        rows = list(csv.DictReader((dataset / "labels.csv").open()))[: args.images]
+        with (dataset / "labels.csv").open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))[: args.images]
         for r in rows:
             r["path"] = str((dataset / r["path"]).resolve())
         with (tmp / "labels.csv").open("w", newline="") as fh:

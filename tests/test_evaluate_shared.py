@@ -20,7 +20,8 @@ PER_SOURCE = 40
 def _subset(shared: Path, out: Path, names: bool = True) -> Path:
     """labels.csv naming up to PER_SOURCE images of each source by absolute path (no copies);
     ``names=False`` leaves out the label_name column (a two-class folder)."""
-    rows = list(csv.DictReader((shared / "labels.csv").open()))
+    with (shared / "labels.csv").open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
     by_source: dict[str, list[dict[str, str]]] = {}
     for r in rows:
         by_source.setdefault(r["source"], []).append(r)

@@ -29,7 +29,8 @@ def _tiny(make_settings, database_url: str) -> Settings:  # type: ignore[no-unty
 
 def _shuffle_training_labels(root: Path, s: Settings) -> None:
     """Random labels for train/validation patients; test patients keep their true labels."""
-    rows = list(csv.DictReader((root / "labels.csv").open()))
+    with (root / "labels.csv").open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
     import random
 
     rng = random.Random(7)
