@@ -261,6 +261,8 @@ class StoreService:
             return STATUS_OUT_OF_RESOURCES
         finally:
             dataset_buffer.release()
+            # Freed before the response goes out, not when the next request is in.
+            request.DataSet.close()  # type: ignore[union-attr]
         self._count(event, "duplicates" if outcome.duplicate else "stored")
         if not outcome.duplicate:
             metrics.instance_received(header.modality)
