@@ -8,6 +8,7 @@ answers 0xA700 (Out of Resources) and an unreadable data set 0xC000, leaving no 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
@@ -261,8 +262,10 @@ class StoreService:
             return STATUS_OUT_OF_RESOURCES
         finally:
             dataset_buffer.release()
-            # Freed before the response goes out, not when the next request is in.
-            request.DataSet.close()  # type: ignore[union-attr]
+            # Freed before the response goes out, not when the next request is in
+            # (unless a view of it is still held, e.g. by a traceback).
+            with contextlib.suppress(BufferError):
+                request.DataSet.close()  # type: ignore[union-attr]
         self._count(event, "duplicates" if outcome.duplicate else "stored")
         if not outcome.duplicate:
             metrics.instance_received(header.modality)
