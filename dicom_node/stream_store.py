@@ -41,7 +41,7 @@ from pynetdicom.pdu_primitives import P_DATA
 
 from db.errors import TransientError
 from db.session import Database
-from dicom_node import ingest, spool
+from dicom_node import ingest, pdata_read, spool
 
 log = logging.getLogger(__name__)
 
@@ -333,6 +333,7 @@ def install(assoc: Any, spool_dir: Path, min_free_mb: int,
             marker: spool.SpoolMarker | None = None) -> StreamingReceiver:
     """Stream ``assoc``'s C-STORE data sets to the spool (from ``EVT_CONN_OPEN``); files
     of requests never handled are removed when the connection closes."""
+    pdata_read.install(assoc.dul)  # P-DATA values as views of the received PDU
     receiver = StreamingReceiver(assoc, spool_dir, min_free_mb, marker)
     assoc.bind(evt.EVT_CONN_CLOSE, lambda _event: receiver.close())
     return receiver

@@ -19,6 +19,7 @@ from pynetdicom.pdu_primitives import P_DATA
 
 from db.settings import Settings
 from dicom_node.listener import NodeHandle, start_node
+from dicom_node.pdata_read import split_values
 from dicom_node.stream_store import INCOMING_DIR
 from dicom_node.view_reader import ViewReader
 from tests.support.dicom_factory import make_cxr, write
@@ -145,3 +146,22 @@ def test_view_reader_reads_seeks_and_tells_like_bytesio() -> None:
         else:
             assert view.seek(arg) == plain.seek(arg)
         assert view.tell() == plain.tell()
+
+
+def test_p_data_values_are_views_of_the_pdu_as_pynetdicom_splits_them() -> None:
+    from pynetdicom.pdu import P_DATA_TF
+
+    sent = P_DATA()
+    sent.presentation_data_value_list.extend([(1, b"\x03" + b"c" * 10), (3, b"\x00" + b"d" * 300)])
+    encoded = P_DATA_TF(sent).encode()
+    ours, theirs = split_values(bytearray(encoded[6:])), P_DATA_TF()
+    theirs.decode(encoded)
+    assert [(i.presentation_context_id, bytes(i.presentation_data_value or b""))
+            for i in ours.presentation_data_value_items] == \
+        [(i.presentation_context_id, i.presentation_data_value)
+         for i in theirs.presentation_data_value_items]
+    assert all(isinstance(i.presentation_data_value, memoryview)
+               for i in ours.presentation_data_value_items)
+    for cut in (encoded[6:-1], encoded[6:9], encoded[6:] + b"\x00\x00\x00\x00\x01"):
+        with pytest.raises(ValueError):
+            split_values(bytearray(cut))
