@@ -21,9 +21,11 @@ WAITS = ("dul.py:403)", "association.py:714)", "reactor.py:69)", "Condition.wait
 
 #: (category, substrings of a frame), innermost match wins.
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
-    ("fsync (file, directory)", ("fsync (", "fsync_dir (")),
-    ("SHA-256", ("_hash_into (",)),
-    ("file write", ("stage (dicom_node/spool.py",)),
+    ("fsync (file, directory)", ("fsync (", "fsync_dir (", "ReceivedFile.ingest (")),
+    ("file write", ("stage (dicom_node/spool.py", "_write_all (")),
+    # Streamed data sets (dicom_node.stream_store): the hash is ReceivedFile.write's own
+    # line, the write is _write_all beneath it (innermost frame first).
+    ("SHA-256", ("_hash_into (", "ReceivedFile.write (")),
     ("database (SQLAlchemy, driver, commit)", ("sqlalchemy/", "psycopg/", "sqlite3")),
     ("header parse and tail check", ("parse_header (",)),
     ("socket receive", ("recv (dicom_node/listener.py", "recv_into", "_recv_exactly")),

@@ -93,14 +93,10 @@ class ReceivedFile:
         """Append ``data`` to the file and the hash (nothing once writing failed)."""
         if self._fd is None or self.error is not None:
             return
-        self._digest.update(data)
+        self._digest.update(data)  # releases the interpreter lock, as the write does
         self.size += len(data)
         try:
-            while data:
-                written = os.write(self._fd, data)
-                if not written:
-                    raise OSError("short write")
-                data = data[written:]
+            _write_all(self._fd, data)
         except OSError as exc:
             self.fail(spool.SpoolWriteError(f"cannot write {self.temp}: {exc}"))
 
@@ -178,6 +174,14 @@ class ReceivedFile:
         if self.temp is not None and not self._handed_over:
             with contextlib.suppress(OSError):
                 self.temp.unlink(missing_ok=True)
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        written = os.write(fd, data)
+        if not written:
+            raise OSError("short write")
+        data = data[written:]
 
 
 class StreamingReceiver:
