@@ -76,9 +76,11 @@ class ReceivedFile:
                 marker.check()
             spool.check_free_space(spool_dir, min_free_mb)
             incoming = spool_dir / INCOMING_DIR
-            incoming.mkdir(exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix=spool.temp_prefix(), suffix=spool.TEMP_SUFFIX,
-                                        dir=incoming)
+            try:
+                fd, name = _mkstemp(incoming)
+            except FileNotFoundError:  # the first store into this spool
+                incoming.mkdir(exist_ok=True)
+                fd, name = _mkstemp(incoming)
         except TransientError as exc:
             return cls(prefix, exc)
         except OSError as exc:
@@ -174,6 +176,11 @@ class ReceivedFile:
         if self.temp is not None and not self._handed_over:
             with contextlib.suppress(OSError):
                 self.temp.unlink(missing_ok=True)
+
+
+def _mkstemp(directory: Path) -> tuple[int, str]:
+    return tempfile.mkstemp(prefix=spool.temp_prefix(), suffix=spool.TEMP_SUFFIX,
+                            dir=directory)
 
 
 def _write_all(fd: int, data: memoryview) -> None:
