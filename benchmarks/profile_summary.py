@@ -16,7 +16,7 @@ from pathlib import Path
 #: selects and lock or server waits, so they are counted apart (pynetdicom's 1 ms sleeps
 #: in its two reactor loops, the listener's select, condition waits, psycopg waiting for
 #: the server).
-WAITS = ("dul.py:403)", "association.py:714)", "reactor.py:69)", "Condition.wait (",
+WAITS = ("dul.py:403)", "association.py:714)", "wait_then_check_transport (", "Condition.wait (",
          "Connection.wait (", "selectors.py", "Event.wait (", "time.sleep")
 
 #: (category, substrings of a frame), innermost match wins.
