@@ -165,3 +165,22 @@ def test_p_data_values_are_views_of_the_pdu_as_pynetdicom_splits_them() -> None:
     for cut in (encoded[6:-1], encoded[6:9], encoded[6:] + b"\x00\x00\x00\x00\x01"):
         with pytest.raises(ValueError):
             split_values(bytearray(cut))
+
+
+def test_a_message_complete_in_one_pdu_is_stored_from_memory(node: NodeHandle,
+                                                              tmp_path: Path) -> None:
+    path = write(make_cxr(rows=64, cols=64), tmp_path / "small.dcm")
+    assoc = _association(node.port)
+    context_id = assoc.accepted_contexts[0].context_id  # type: ignore[attr-defined]
+    try:
+        # Command and whole data set in one P-DATA: pynetdicom assembles it, nothing streams.
+        assoc.dul.send_pdu(_joined(*_fragments(path, context_id, 1)))  # type: ignore[attr-defined]
+        status = assoc.dimse.get_msg(block=True)[1].Status  # type: ignore[attr-defined]
+    finally:
+        assoc._reactor_checkpoint.set()  # type: ignore[attr-defined]
+        assoc.release()  # type: ignore[attr-defined]
+    assert status == 0
+    (row,) = instance_rows(node.db).values()
+    assert dataset_bytes(Path(row.path)) == dataset_bytes(path)
+    assert row.sha256 == hashlib.sha256(Path(row.path).read_bytes()).hexdigest()
+    assert not (node.settings.spool_dir / INCOMING_DIR).exists()  # never streamed
