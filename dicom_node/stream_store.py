@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 #: Where data sets are written while they arrive (inside the spool: same file system).
 INCOMING_DIR = ".incoming"
 _ATTR = "_cxr_received"  # the ReceivedFile of a delivered C-STORE primitive
-_MIB = 1024 * 1024
 
 
 class ReceivedFile:
