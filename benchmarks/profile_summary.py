@@ -16,14 +16,16 @@ from pathlib import Path
 #: selects and lock or server waits, so they are counted apart (pynetdicom's 1 ms sleeps
 #: in its two reactor loops, the listener's select, condition waits, psycopg waiting for
 #: the server).
-WAITS = ("dul.py:403)", "association.py:714)", "reactor.py:69)", "Condition.wait (",
+WAITS = ("dul.py:403)", "association.py:714)", "wait_then_check_transport (", "Condition.wait (",
          "Connection.wait (", "selectors.py", "Event.wait (", "time.sleep")
 
 #: (category, substrings of a frame), innermost match wins.
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
-    ("fsync (file, directory)", ("fsync (", "fsync_dir (")),
-    ("SHA-256", ("_hash_into (",)),
-    ("file write", ("stage (dicom_node/spool.py",)),
+    ("fsync (file, directory)", ("fsync (", "fsync_dir (", "ReceivedFile.ingest (")),
+    ("file write", ("stage (dicom_node/spool.py", "_write_all (")),
+    # Streamed data sets (dicom_node.stream_store): the hash is ReceivedFile.write's own
+    # line, the write is _write_all beneath it (innermost frame first).
+    ("SHA-256", ("_hash_into (", "ReceivedFile.write (")),
     ("database (SQLAlchemy, driver, commit)", ("sqlalchemy/", "psycopg/", "sqlite3")),
     ("header parse and tail check", ("parse_header (",)),
     ("socket receive", ("recv (dicom_node/peer_socket.py", "recv_into", "recv_exactly")),

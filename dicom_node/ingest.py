@@ -14,9 +14,8 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
@@ -30,6 +29,7 @@ from db.errors import BadInputError, TransientError
 from db.models import Instance, Study, StudyState, utcnow
 from db.session import Database
 from dicom_node import spool
+from dicom_node.view_reader import ViewReader
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,9 @@ def parse_header(encoded: memoryview | bytes, transfer_syntax: str) -> Header:
         if ts.is_deflated:
             data = memoryview(zlib.decompress(bytes(data), -zlib.MAX_WBITS))
         implicit, little = ts.is_implicit_VR, ts.is_little_endian
-        fp = BytesIO(data)
-        ds = read_dataset(fp, implicit, little, stop_when=_stop_at_pixels, defer_size=4096)
+        fp = ViewReader(data)  # a BytesIO would copy the whole data set
+        ds = read_dataset(cast(BinaryIO, fp), implicit, little, stop_when=_stop_at_pixels,
+                          defer_size=4096)
         header_end = fp.tell()
         if header_end > len(data):
             # A long element read with defer_size is skipped by seeking, which never fails.
@@ -269,6 +270,14 @@ def ingest(
     spool.check_free_space(spool_dir, min_free_mb, size)
     final = spool.instance_path(spool_dir, header.study_uid, header.sop_uid)
     staged = spool.stage(final, chunks)
+    return record_staged(db, header, staged, calling_ae, now=now, recorder=recorder)
+
+
+def record_staged(db: Database, header: Header, staged: spool.StagedFile,
+                  calling_ae: str | None, *, now: datetime | None = None,
+                  recorder: Recorder | None = None) -> IngestOutcome:
+    """Record a staged (written and fsync'ed) file, retrying a conflicting insert; on
+    failure nothing of it is left behind (see :func:`ingest`)."""
     for attempt in range(_RECORD_ATTEMPTS):
         try:
             outcome = (recorder or record_one)(db, header, staged, calling_ae, now or utcnow())

@@ -40,7 +40,7 @@ from db import metrics
 from db.errors import TransientError
 from db.session import Database
 from db.settings import Settings
-from dicom_node import ingest, peer_socket, reactor, socket_fix, spool, store_checks
+from dicom_node import ingest, peer_socket, reactor, socket_fix, spool, store_checks, stream_store
 from dicom_node.group_commit import GroupCommitter
 from dicom_node.publisher import CeleryPublisher, Publisher
 from dicom_node.reuseport import start_reuseport_server
@@ -159,6 +159,9 @@ class StoreService:
         # Each PDU read ends within network_timeout, so a stalled peer cannot hold a slot.
         assoc_socket.recv = peer_socket.recv_exactly(  # type: ignore[union-attr,method-assign]
             assoc_socket, self.settings.network_timeout)
+        # C-STORE data sets go to the spool as they arrive, hashed while written.
+        stream_store.install(event.assoc, self.settings.spool_dir, self.settings.min_free_mb,
+                             self.marker)
         # pynetdicom's reactors poll every millisecond; make them wait instead.
         wakeup = reactor.quiet_reactors(event.assoc)
         with self._lock:
@@ -224,9 +227,9 @@ class StoreService:
         calling_ae = event.assoc.requestor.ae_title.strip()
         request = event.request
         affected = str(getattr(request, "AffectedSOPInstanceUID", "") or "")
-        dataset_buffer = request.DataSet.getbuffer()  # type: ignore[union-attr]
+        data_set = stream_store.received(request)  # streamed to the spool, or in memory
         try:
-            header = ingest.parse_header(dataset_buffer, event.context.transfer_syntax)
+            header = ingest.parse_header(data_set.view(), event.context.transfer_syntax)
             header = store_checks.validate(header, event.context.abstract_syntax)
             if ingest.own_object(header):
                 self._count(event, "duplicates")
@@ -237,10 +240,9 @@ class StoreService:
             if self.marker is not None:
                 self.marker.check()
             preamble = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
-            outcome = ingest.ingest(
-                self.db, self.settings.spool_dir, header, (preamble, dataset_buffer),
-                calling_ae, self.settings.min_free_mb, recorder=self.committer.record,
-            )
+            outcome = data_set.ingest(self.db, self.settings.spool_dir, header, preamble,
+                                      calling_ae, self.settings.min_free_mb,
+                                      recorder=self.committer.record)
         except ingest.UnreadableDatasetError as exc:
             self._count(event, "failed")
             metrics.instance_rejected("unreadable")
@@ -260,7 +262,7 @@ class StoreService:
                       calling_ae, exc)
             return STATUS_OUT_OF_RESOURCES
         finally:
-            dataset_buffer.release()
+            data_set.close()  # freed (or removed) before the response goes out
         self._count(event, "duplicates" if outcome.duplicate else "stored")
         if not outcome.duplicate:
             metrics.instance_received(header.modality)

@@ -145,7 +145,8 @@ class StagedFile:
             pass
 
 
-def _ensure_dir(directory: Path) -> None:
+def ensure_dir(directory: Path) -> None:
+    """Create ``directory`` (and its entry durably) where it is missing."""
     if directory.is_dir():
         return
     directory.mkdir(parents=True, exist_ok=True)
@@ -162,7 +163,7 @@ def stage(final: Path, chunks: Iterable[bytes | memoryview]) -> StagedFile:
     """
     try:
         parts = [memoryview(c) for c in chunks]
-        _ensure_dir(final.parent)
+        ensure_dir(final.parent)
         fd, name = tempfile.mkstemp(prefix=temp_prefix(), suffix=TEMP_SUFFIX, dir=final.parent)
     except OSError as exc:
         raise SpoolWriteError(f"cannot create a file under {final.parent}: {exc}") from exc
