@@ -37,7 +37,7 @@ from pydicom.uid import generate_uid  # noqa: E402
 from tests.support.dicom_factory import make_cxr, write  # noqa: E402
 from tests.support.listener_peers import dcmtk  # noqa: E402
 from tests.support.services import (  # noqa: E402
-    free_port,
+    candidate_port,
     fresh_postgres_database,
     make_orthanc,
     port_open,
@@ -157,11 +157,10 @@ def _tree_cpu(pids: Sequence[int]) -> float:
 @contextmanager
 def node_target(workdir: Path, database_url: str | None = None,
                 processes: int | None = None, root: Path = ROOT) -> Iterator[Target]:
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
     if processes is not None:
         env["CXR_LISTENER_PROCESSES"] = str(processes)
-    cmd = [sys.executable, "-m", "dicom_node", "--port", str(port), "--bind-address",
+    cmd = [sys.executable, "-m", "dicom_node", "--port", "0", "--bind-address",
            "127.0.0.1", "--data-dir", str(workdir / "node"), "--min-free-mb", "1",
            "--no-stability", "--log-level", "WARNING", "--allowed-callers", "STORESCU"]
     if database_url is not None:
@@ -173,8 +172,9 @@ def node_target(workdir: Path, database_url: str | None = None,
         # that the first does; the others' start-up would be timed with the sends).
         assert proc.stdout is not None
         line = proc.stdout.readline()
-        if not line.startswith("LISTENING"):
+        if not line.startswith("LISTENING port="):
             raise RuntimeError(f"node did not start: {line!r}")
+        port = int(line.strip().split("=", 1)[1])  # port 0: the kernel chose it
         _wait_port(port, proc, "node")
         yield Target(port, [proc.pid])
     finally:
@@ -207,7 +207,7 @@ def py_spy(pid: int, output: Path | None) -> Iterator[None]:
 
 @contextmanager
 def storescp_target(workdir: Path) -> Iterator[Target]:
-    port = free_port()
+    port = candidate_port()  # storescp cannot take port 0
     out = workdir / "storescp"
     out.mkdir(parents=True)
     proc = subprocess.Popen(
