@@ -515,13 +515,16 @@ def _gradcam_peaks(result: Any, rows: Sequence[Row], masked: dict[str, Path]) ->
 def finetune(dataset: Path, work: Path, max_distance: int, protocols: Sequence[str],
              size: int, views: int, head_epochs: int, epochs: int,
              max_folds: int | None = None, augmentation: str = "default",
-             balance: str = "class", tag: str = "") -> dict[str, Any]:
+             balance: str = "class", tag: str = "",
+             only: Sequence[str] = ()) -> dict[str, Any]:
     """The project's own three-class trainer (``trainer.train.train_model``, the default
     configuration but for the options given) through the same folds as the baselines.
     Each fold's training patients are split again, by group, into training and validation
     (for early stopping and the thresholds); the held-out fold is scored by the whole
     network.  Scores go to ``finetune_partial_<tag><protocol>.npy`` after every fold, so an
-    interrupted run still leaves the folds it finished."""
+    interrupted run still leaves the folds it finished.  ``only`` (fold names: ``fold1``
+    ... or a held-out source) trains just those splits, with the validation patients they
+    get in the full run, so a variant can be compared fold for fold."""
     from dataclasses import replace as dc_replace
 
     from trainer.datasets import folder_records
@@ -556,6 +559,8 @@ def finetune(dataset: Path, work: Path, max_distance: int, protocols: Sequence[s
         ug = np.unique(g[tr])
         val_groups = set(rng.choice(ug, size=max(1, len(ug) // 5), replace=False).tolist())
         val_mask = np.isin(g[tr], list(val_groups))
+        if only and name not in only:
+            continue
         result = train_model([recs[i] for i in tr[~val_mask]], [recs[i] for i in tr[val_mask]],
                              cfg, cache_root=work / "cache")
         t_trained = time.perf_counter()
@@ -682,6 +687,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="finetune: the trainer's loss weighting")
     p.add_argument("--tag", default="",
                    help="finetune / compare: prefix of the score files, one per variant")
+    p.add_argument("--only", nargs="*", default=[],
+                   help="finetune: train only these splits (fold1..fold5, held-out sources)")
     p.add_argument("--protocol", default="grouped_cv",
                    choices=["grouped_cv", "leave_source_out"], help="compare: which scores")
     args = p.parse_args(argv)
@@ -695,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "finetune":
         res = finetune(args.dataset, args.work, args.max_distance, args.protocols, args.size,
                        args.views, args.head_epochs, args.epochs, args.max_folds,
-                       args.augmentation, args.balance, args.tag)
+                       args.augmentation, args.balance, args.tag, args.only)
         text = json.dumps(res, indent=1, default=str)
         if args.out:
             args.out.write_text(text)
