@@ -516,7 +516,7 @@ def finetune(dataset: Path, work: Path, max_distance: int, protocols: Sequence[s
              size: int, views: int, head_epochs: int, epochs: int,
              max_folds: int | None = None, augmentation: str = "default",
              balance: str = "class", tag: str = "",
-             only: Sequence[str] = ()) -> dict[str, Any]:
+             only: Sequence[str] = (), seed: int | None = None) -> dict[str, Any]:
     """The project's own three-class trainer (``trainer.train.train_model``, the default
     configuration but for the options given) through the same folds as the baselines.
     Each fold's training patients are split again, by group, into training and validation
@@ -546,6 +546,8 @@ def finetune(dataset: Path, work: Path, max_distance: int, protocols: Sequence[s
                if f"lso:{s}" in protocols]
     cfg = dc_replace(TrainConfig(), input_size=size, views=views, head_epochs=head_epochs,
                      epochs=epochs, device="cpu", balance=balance)
+    if seed is not None:
+        cfg = dc_replace(cfg, seed=seed)
     if augmentation == "strong":
         cfg = dc_replace(cfg, augmentation=Augmentation(
             **STRONG_AUGMENTATION))  # type: ignore[arg-type]
@@ -687,6 +689,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="finetune: the trainer's loss weighting")
     p.add_argument("--tag", default="",
                    help="finetune / compare: prefix of the score files, one per variant")
+    p.add_argument("--seed", type=int,
+                   help="finetune: the trainer's seed (default: TrainConfig's), for run-to-run "
+                        "spread")
     p.add_argument("--only", nargs="*", default=[],
                    help="finetune: train only these splits (fold1..fold5, held-out sources)")
     p.add_argument("--protocol", default="grouped_cv",
@@ -702,7 +707,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "finetune":
         res = finetune(args.dataset, args.work, args.max_distance, args.protocols, args.size,
                        args.views, args.head_epochs, args.epochs, args.max_folds,
-                       args.augmentation, args.balance, args.tag, args.only)
+                       args.augmentation, args.balance, args.tag, args.only,
+                       args.seed)
         text = json.dumps(res, indent=1, default=str)
         if args.out:
             args.out.write_text(text)
