@@ -41,6 +41,10 @@ log = logging.getLogger("protocol")
 CLASSES = ("normal", "other_pneumonia", "covid")
 SIZES = {"whole": 320, "border": 320, "lungcrop": 320, "lungmask": 320, "hires": 448,
          "aug": 320}
+#: The ``aug`` variant's ranges (and ``finetune --augmentation strong``): about one and a
+#: half times the default rotation, scale, shift and intensity jitter.
+STRONG_AUGMENTATION = {"rotate_degrees": 15.0, "scale": (0.8, 1.2), "translate": 0.1,
+                       "brightness": 0.2, "contrast": 0.3, "gamma": (0.7, 1.4)}
 
 
 @dataclass(frozen=True)
@@ -241,8 +245,7 @@ def compute_features(dataset: Path, work: Path, variant: str, aug_views: int = 0
     masked = _masked_paths(dataset)
     net = _backbone()
     torch.set_num_threads(1)
-    strong = Augmentation(rotate_degrees=15, scale=(0.8, 1.2), translate=0.1, brightness=0.2,
-                          contrast=0.3, gamma=(0.7, 1.4))
+    strong = Augmentation(**STRONG_AUGMENTATION)  # type: ignore[arg-type]
     pooled = np.zeros((len(rows), 1 + aug_views, 1280), np.float32)
     maps: dict[str, np.ndarray] = {}
     boxes: dict[str, list[float]] = {}
@@ -512,44 +515,60 @@ def _gradcam_peaks(result: Any, rows: Sequence[Row], masked: dict[str, Path]) ->
 
 def finetune(dataset: Path, work: Path, max_distance: int, protocols: Sequence[str],
              size: int, views: int, head_epochs: int, epochs: int,
-             max_folds: int | None = None) -> dict[str, Any]:
+             max_folds: int | None = None, augmentation: str = "default",
+             balance: str = "class", tag: str = "",
+             only: Sequence[str] = (), seed: int | None = None) -> dict[str, Any]:
     """The project's own three-class trainer (``trainer.train.train_model``, the default
-    configuration but for the sizes given) through the same folds as the baselines.  Each
-    fold's training patients are split again, by group, into training and validation (for
-    early stopping and the thresholds); the held-out fold is scored by the whole network."""
+    configuration but for the options given) through the same folds as the baselines.
+    Each fold's training patients are split again, by group, into training and validation
+    (for early stopping and the thresholds); the held-out fold is scored by the whole
+    network.  Scores go to ``finetune_partial_<tag><protocol>.npy`` after every fold, so an
+    interrupted run still leaves the folds it finished.  ``only`` (fold names: ``fold1``
+    ... or a held-out source) trains just those splits, with the validation patients they
+    get in the full run, so a variant can be compared fold for fold."""
     from dataclasses import replace as dc_replace
 
     from trainer.datasets import folder_records
     from trainer.evaluate import predict_findings_records
     from trainer.train import TrainConfig, train_model
+    from trainer.transforms import Augmentation
 
     rows = read_rows(dataset)
     records = {r.key.split("/", 1)[1]: r for r in folder_records(dataset)}
     recs = [records[r.rel] for r in rows]
     y3 = np.array([r.y3 for r in rows])
     g, _ = groups(rows, work, max_distance)
-    splits: list[tuple[str, np.ndarray, np.ndarray]] = []
+    splits: list[tuple[str, str, np.ndarray, np.ndarray]] = []
     if "grouped_cv" in protocols:
-        splits += [("grouped_cv", np.setdiff1d(np.arange(len(rows)), te), te)
-                   for te in grouped_folds(y3, g)[:max_folds]]
+        splits += [("grouped_cv", f"fold{i + 1}", np.setdiff1d(np.arange(len(rows)), te), te)
+                   for i, te in enumerate(grouped_folds(y3, g)[:max_folds])]
     loso = loso_folds(rows, g)
-    splits += [("leave_source_out", tr, te) for s, (tr, te) in loso.items()
+    splits += [("leave_source_out", s, tr, te) for s, (tr, te) in loso.items()
                if f"lso:{s}" in protocols]
     cfg = dc_replace(TrainConfig(), input_size=size, views=views, head_epochs=head_epochs,
-                     epochs=epochs, device="cpu")
+                     epochs=epochs, device="cpu", balance=balance)
+    if seed is not None:
+        cfg = dc_replace(cfg, seed=seed)
+    if augmentation == "strong":
+        cfg = dc_replace(cfg, augmentation=Augmentation(
+            **STRONG_AUGMENTATION))  # type: ignore[arg-type]
     out: dict[str, Any] = {"config": {k: str(v) for k, v in cfg.public().items()}, "folds": []}
     preds: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     cam_in: dict[str, tuple[int, int]] = {}
     masked = _masked_paths(dataset)
     rng = np.random.default_rng(1)
-    for proto, tr, te in splits:
+    for proto, name, tr, te in splits:
         t0 = time.perf_counter()
         ug = np.unique(g[tr])
         val_groups = set(rng.choice(ug, size=max(1, len(ug) // 5), replace=False).tolist())
         val_mask = np.isin(g[tr], list(val_groups))
+        if only and name not in only:
+            continue
         result = train_model([recs[i] for i in tr[~val_mask]], [recs[i] for i in tr[val_mask]],
                              cfg, cache_root=work / "cache")
+        t_trained = time.perf_counter()
         pc, pp = predict_findings_records(result.model, result.meta, [recs[i] for i in te])
+        t_scored = time.perf_counter()
         inside, total = _gradcam_peaks(result, [rows[i] for i in te], masked)
         cam_in[proto] = (cam_in.get(proto, (0, 0))[0] + inside,
                          cam_in.get(proto, (0, 0))[1] + total)
@@ -559,12 +578,22 @@ def finetune(dataset: Path, work: Path, max_distance: int, protocols: Sequence[s
         if pp is not None:
             pp_all[te] = pp
         seconds = time.perf_counter() - t0
-        out["folds"].append({"protocol": proto, "train": int((~val_mask).sum()),
+        out["folds"].append({"protocol": proto, "fold": name,
+                             "train": int((~val_mask).sum()),
                              "validation": int(val_mask.sum()), "test": int(len(te)),
-                             "seconds": round(seconds, 1), "timings": result.timings})
-        log.info("finetune %s fold done in %.0fs timings %s", proto, seconds, result.timings)
-        (work / "finetune_partial.json").write_text(json.dumps(out, indent=1, default=str))
-        np.save(work / f"finetune_partial_{proto}.npy", np.stack([pc_all, pp_all]))
+                             "seconds": round(seconds, 1),
+                             "train_seconds": round(t_trained - t0, 1),
+                             "score_seconds": round(t_scored - t_trained, 1),
+                             "cam_inside": inside, "cam_of": total,
+                             "best_epoch": result.history[-1].get("best_epoch")
+                             if result.history else None,
+                             "epochs_run": len(result.history),
+                             "timings": result.timings})
+        log.info("finetune %s %s done in %.0fs timings %s", proto, name, seconds,
+                 result.timings)
+        (work / f"finetune_partial_{tag}.json").write_text(json.dumps(out, indent=1,
+                                                                      default=str))
+        np.save(work / f"finetune_partial_{tag}{proto}.npy", np.stack([pc_all, pp_all]))
     for proto, (pc_all, pp_all) in preds.items():
         tested = np.flatnonzero(~np.isnan(pc_all))
         out[proto] = summarise(rows, tested, pc_all, pp_all)
@@ -573,32 +602,40 @@ def finetune(dataset: Path, work: Path, max_distance: int, protocols: Sequence[s
                                                 "share": round(inside / max(total, 1), 3)}
         out[proto]["train_seconds"] = round(sum(f["seconds"] for f in out["folds"]
                                                 if f["protocol"] == proto), 1)
-        np.save(work / f"finetune_{proto}.npy", np.stack([pc_all, pp_all]))
+        np.save(work / f"finetune_{tag}{proto}.npy", np.stack([pc_all, pp_all]))
     return out
 
 
+def _lr_splits(rows: Sequence[Row], y3: np.ndarray, g: np.ndarray, proto: str,
+               tested: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (train, test) splits of ``proto`` whose test images were all scored."""
+    if proto == "grouped_cv":
+        splits = [(np.setdiff1d(np.arange(len(rows)), te), te) for te in grouped_folds(y3, g)]
+    else:
+        splits = list(loso_folds(rows, g).values())
+    return [(tr, te) for tr, te in splits if np.isin(te, tested).all()]
+
+
 def compare(dataset: Path, work: Path, max_distance: int, variant: str = "whole",
-            proto: str = "grouped_cv") -> dict[str, Any]:
+            proto: str = "grouped_cv", tag: str = "") -> dict[str, Any]:
     """The fine-tuned model against frozen features + LR on exactly the images it scored
-    (the same folds), with paired DeLong differences on the within-source questions."""
+    (the same folds, grouped or leave-source-out), with paired DeLong differences on the
+    overall and within-source questions."""
     from trainer.metrics import delong_paired
 
     rows = read_rows(dataset)
     y3 = np.array([r.y3 for r in rows])
     g, _ = groups(rows, work, max_distance)
-    pc_ft, pp_ft = np.load(work / f"finetune_partial_{proto}.npy")
+    pc_ft, pp_ft = np.load(work / f"finetune_partial_{tag}{proto}.npy")
     tested = np.flatnonzero(~np.isnan(pc_ft))
     pooled = np.load(work / f"pooled_{variant}.npy")
-    out: dict[str, Any] = {"images": int(len(tested)), "finetuned": summarise(rows, tested, pc_ft,
-                                                                              pp_ft)}
+    out: dict[str, Any] = {"images": int(len(tested)), "protocol": proto, "tag": tag,
+                           "finetuned": summarise(rows, tested, pc_ft, pp_ft)}
     lr: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
     for three in (False, True):
         pc = np.full(len(rows), np.nan)
         pp = np.full(len(rows), np.nan) if three else None
-        for te in grouped_folds(y3, g):
-            if not np.isin(te, tested).all():
-                continue
-            tr = np.setdiff1d(np.arange(len(rows)), te)
+        for tr, te in _lr_splits(rows, y3, g, proto, tested):
             yy = y3[tr] if three else (y3[tr] == 2).astype(int)
             model = fit_lr(pooled[tr, 0], yy)
             a, b = scores_lr(model, pooled[te, 0], three)
@@ -615,12 +652,16 @@ def compare(dataset: Path, work: Path, max_distance: int, variant: str = "whole"
         paired[f"covid_vs_rest finetuned - {name}"] = delong_paired(
             (y3[sel] == 2).astype(int), pc[sel], pc_ft[sel])
         ie = sel[(src[sel] == "ieee8023") & (y3[sel] > 0)]
-        paired[f"ieee8023 covid_vs_other_pneumonia finetuned - {name}"] = delong_paired(
-            (y3[ie] == 2).astype(int), pc[ie], pc_ft[ie])
+        if len(set(y3[ie].tolist())) == 2:
+            paired[f"ieee8023 covid_vs_other_pneumonia finetuned - {name}"] = delong_paired(
+                (y3[ie] == 2).astype(int), pc[ie], pc_ft[ie])
         if pp is not None:
             nih = sel[src[sel] == "nih"]
-            paired[f"nih pneumonia_vs_normal finetuned - {name}"] = delong_paired(
-                (y3[nih] > 0).astype(int), pp[nih], pp_ft[nih])
+            if len(set((y3[nih] > 0).tolist())) == 2:
+                paired[f"nih pneumonia_vs_normal finetuned - {name}"] = delong_paired(
+                    (y3[nih] > 0).astype(int), pp[nih], pp_ft[nih])
+            paired[f"pneumonia_vs_normal finetuned - {name}"] = delong_paired(
+                (y3[sel] > 0).astype(int), pp[sel], pp_ft[sel])
     out["paired_delong"] = paired
     return out
 
@@ -643,6 +684,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-epochs", type=int, default=6)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--max-folds", type=int, help="finetune: only the first N grouped folds")
+    p.add_argument("--augmentation", default="default", choices=["default", "strong"],
+                   help="finetune: the trainer's augmentation ranges, or the aug variant's")
+    p.add_argument("--balance", default="class", choices=["class", "source_class"],
+                   help="finetune: the trainer's loss weighting")
+    p.add_argument("--tag", default="",
+                   help="finetune / compare: prefix of the score files, one per variant")
+    p.add_argument("--seed", type=int,
+                   help="finetune: the trainer's seed (default: TrainConfig's), for run-to-run "
+                        "spread")
+    p.add_argument("--only", nargs="*", default=[],
+                   help="finetune: train only these splits (fold1..fold5, held-out sources)")
+    p.add_argument("--protocol", default="grouped_cv",
+                   choices=["grouped_cv", "leave_source_out"], help="compare: which scores")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.work.mkdir(parents=True, exist_ok=True)
@@ -653,13 +707,16 @@ def main(argv: list[str] | None = None) -> int:
                          aug_views=2 if args.variant == "aug" else 0)
     elif args.command == "finetune":
         res = finetune(args.dataset, args.work, args.max_distance, args.protocols, args.size,
-                       args.views, args.head_epochs, args.epochs, args.max_folds)
+                       args.views, args.head_epochs, args.epochs, args.max_folds,
+                       args.augmentation, args.balance, args.tag, args.only,
+                       args.seed)
         text = json.dumps(res, indent=1, default=str)
         if args.out:
             args.out.write_text(text)
         print(text)
     elif args.command == "compare":
-        res = compare(args.dataset, args.work, args.max_distance)
+        res = compare(args.dataset, args.work, args.max_distance, args.variant, args.protocol,
+                      args.tag)
         text = json.dumps(res, indent=1, default=str)
         if args.out:
             args.out.write_text(text)

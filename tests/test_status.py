@@ -86,6 +86,13 @@ def test_status_table_for_humans_hides_patient_identity(
     assert main(["status"]) == 0
     out = capsys.readouterr().out
     assert pop.done_uid in out and "POSITIVE" in out and "0.870" in out
+    # both findings of the three-class model: COVID-19, then the pneumonia pattern
+    header = out.splitlines()[0].split()
+    assert header[5:10] == ["PROB", "CALL", "PNEU", "PNEU", "CALL"]  # "STUDY UID" is two
+    [done_row] = [line for line in out.splitlines() if line.startswith(pop.done_uid)]
+    assert done_row.split()[4:8] == ["0.870", "POSITIVE", "0.910", "POSITIVE"]
+    [queued_row] = [line for line in out.splitlines() if line.startswith(pop.queued_uid)]
+    assert queued_row.split()[4:8] == ["-", "-", "-", "-"]
     assert "sr:delivered, sc:failed" in out
     assert f"production model: {pop.model_version}" in out
     assert "failed delivery:" in out and "called AE title" in out
@@ -115,3 +122,24 @@ def test_status_filters_by_state(settings: Settings, env_for,  # type: ignore[no
     assert [s["study_uid"] for s in data["studies"]] == [pop.queued_uid]
 
 
+
+
+def test_status_table_shows_no_pneumonia_call_for_a_two_class_model() -> None:
+    """An analysis by a two-class model has only the COVID-19 finding: its pneumonia
+    columns read "-", not a call."""
+    import io
+
+    from worker.console.render import render_status_table
+
+    prediction = {"probability": 0.42, "positive": False, "pneumonia_probability": None,
+                  "pneumonia_positive": None, "model_version": "tiny-2class"}
+    data = {"studies": [{"study_uid": "1.2.3", "state": "done", "instances": 1,
+                         "received_at": "2026-01-01T00:00:00+00:00", "reason": None,
+                         "prediction": prediction, "deliveries": []}],
+            "summary": {"studies_by_state": {"done": 1}, "total_studies": 1,
+                        "oldest_waiting": None, "failed_deliveries": [],
+                        "production_model": None, "newest_model_not_promoted": None}}
+    out = io.StringIO()
+    render_status_table(data, out)
+    [row] = [line for line in out.getvalue().splitlines() if line.startswith("1.2.3")]
+    assert row.split()[4:9] == ["0.420", "negative", "-", "-", "tiny-2class"]

@@ -10,6 +10,7 @@ promoted model.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -24,16 +25,20 @@ from db import paths
 from db.models import Evaluation, RetrainRun, utcnow
 from db.session import Database
 from db.settings import Settings
+from dicom_node.pixels import load_image_file
 from trainer.checkpoint import LoadedModel, ModelMeta, load_checkpoint, save_checkpoint
 from trainer.datasets import ImageRecord, describe, drop_unreadable, load_records
 from trainer.drift import deployed_record, drift_summary
 from trainer.evaluate import evaluate_records
 from trainer.metrics import delong_paired
+from trainer.near_duplicates import perceptual_hash
 from trainer.promotion import AWAITING_APPROVAL, floor_reasons, floor_summary, hold, metrics_line
 from trainer.registry import ModelInfo, model_id, promote, register_model, reject
 from trainer.report import ModelScores, write_report
-from trainer.splits import Split, split_records
+from trainer.splits import Split, near_duplicate_patients, split_records
 from trainer.train import TrainConfig, TrainingError, TrainResult, train_model
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,6 +50,8 @@ class Gathered:
     train: list[ImageRecord]
     validation: list[ImageRecord]
     test: list[ImageRecord]
+    # patients joined by near-duplicate films -> the patient whose split they share
+    linked_patients: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -131,9 +138,23 @@ def _summary(m: Mapping[str, Any]) -> dict[str, Any]:
 def gather(db: Database, settings: Settings, datasets: Sequence[Path]) -> Gathered:
     """Labelled images (database studies and ``datasets`` folders), split by patient."""
     records, unreadable = drop_unreadable(load_records(db, settings, list(datasets)))
-    parts = split_records(records, settings.split_key, settings.split_fractions)
+    linked = linked_patients(records)
+    parts = split_records(records, settings.split_key, settings.split_fractions, linked)
     return Gathered(records, unreadable, parts[Split.TRAIN], parts[Split.VALIDATION],
-                    parts[Split.TEST])
+                    parts[Split.TEST], linked)
+
+
+def linked_patients(records: Sequence[ImageRecord]) -> dict[str, str]:
+    """Patients whose films are near-duplicates of another patient's (the same film
+    published twice), each mapped to the patient whose split the group shares."""
+    t0 = time.perf_counter()
+    hashes = {r.key: perceptual_hash(load_image_file(r.path)) for r in records}
+    linked = near_duplicate_patients({r.key: r.patient_key for r in records}, hashes)
+    moved = sorted(p for p, root in linked.items() if p != root)
+    log.info("near-duplicate films across patients: %d patient(s) placed with another "
+             "(%s) in %.1fs", len(moved), ", ".join(f"{p}->{linked[p]}" for p in moved[:10])
+             or "none", time.perf_counter() - t0)
+    return linked
 
 
 def require_both_classes(gathered: Gathered) -> None:

@@ -12,10 +12,10 @@ def fmt_prob(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def _call(pred: dict[str, Any] | None) -> str:
-    if pred is None or pred.get("positive") is None:
+def _call(pred: dict[str, Any] | None, key: str = "positive") -> str:
+    if pred is None or pred.get(key) is None:
         return "-"
-    return "POSITIVE" if pred["positive"] else "negative"
+    return "POSITIVE" if pred[key] else "negative"
 
 
 def _delivery_text(deliveries: list[dict[str, Any]]) -> str:
@@ -25,9 +25,11 @@ def _delivery_text(deliveries: list[dict[str, Any]]) -> str:
 
 
 def render_status_table(data: dict[str, Any], out: TextIO) -> None:
-    """A fixed-width table for humans, then the summary."""
-    header = ("STUDY UID", "STATE", "N", "RECEIVED", "PROB", "CALL", "MODEL", "DELIVERY",
-              "REASON")
+    """A fixed-width table for humans, then the summary.  PROB and CALL are the COVID-19
+    finding; PNEU and PNEU CALL the pneumonia pattern of a three-class model ("-" where
+    the model has no such output)."""
+    header = ("STUDY UID", "STATE", "N", "RECEIVED", "PROB", "CALL", "PNEU", "PNEU CALL",
+              "MODEL", "DELIVERY", "REASON")
     rows = []
     for st in data["studies"]:
         pred = st["prediction"]
@@ -38,6 +40,8 @@ def render_status_table(data: dict[str, Any], out: TextIO) -> None:
             (st["received_at"] or "-")[:19],
             fmt_prob(pred["probability"] if pred else None),
             _call(pred),
+            fmt_prob((pred or {}).get("pneumonia_probability")),
+            _call(pred, "pneumonia_positive"),
             (pred or {}).get("model_version") or "-",
             _delivery_text(st["deliveries"]),
             (st["reason"] or "")[:60],
